@@ -1,0 +1,7 @@
+"""``mpo postprocess ...``: argument parsing only."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
