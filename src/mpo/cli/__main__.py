@@ -1,0 +1,3 @@
+from mpo.cli import app
+
+app()
