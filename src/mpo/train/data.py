@@ -1,0 +1,124 @@
+"""Feeding pairs to the loop: a map-style dataset of encoded pairs, an O(1)-resumable order, and collation.
+
+Order. The data order of epoch ``e`` is ``randperm(len(mixture), seed + e)``, identical on every rank. Optimizer
+step ``s`` of an epoch consumes the global slice ``[s·G, (s+1)·G)`` of that order (G = per-device batch ×
+accumulation × world size); rank ``r`` takes its micro-batches from that slice with stride ``world``. The position
+in the data is therefore just ``(epoch, step)``: a resumed run jumps there in O(1) instead of replaying a
+loader for hours (InternVL #1224). A trailing partial global batch of an epoch is dropped, as HF's
+``dataloader_drop_last`` would, so that every optimizer step sees the same number of pairs.
+
+Bad rows. A row that cannot be used (bad JSON, a missing image, longer than ``max_length``) comes out of the
+dataset as its :class:`~mpo.data.errors.RowError` instead of raising, so a worker process never dies on bad data;
+the loop logs it to ``rejected_rows.jsonl`` and trains on the rest of the micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mpo.data.encode import EncodedPair, PairEncoder
+from mpo.data.errors import RowError
+from mpo.data.mixture import PreferenceMixture
+from mpo.train.batch import PairBatch, collate_naive
+
+__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator"]
+
+
+class EncodedPairs(Dataset):
+    """Item ``i`` of the mixture, encoded: an :class:`EncodedPair`, or the :class:`RowError` that stopped it."""
+
+    def __init__(self, mixture: PreferenceMixture, encoder: PairEncoder, *, blank_images: bool = False):
+        self.mixture, self.encoder, self.blank_images = mixture, encoder, blank_images
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def __getitem__(self, i: int) -> EncodedPair | RowError:
+        try:
+            record = self.mixture.record(i)
+            images = self.mixture.images(record)
+            if self.blank_images:  # eval ablation: same tiling, no visual information
+                from PIL import Image
+
+                images = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
+            pair = self.encoder.encode(record, images, max_patches=self.mixture.tile_budget(record))
+            pair.index = i
+            return pair
+        except RowError as err:
+            return err
+
+
+@dataclass
+class DataPosition:
+    """Where the loop is in the data: epoch and optimizer step within it (saved in checkpoints)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+class ResumableOrder(Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of dataset indices), starting at a :class:`DataPosition`."""
+
+    def __init__(self, n_items: int, *, per_device: int, accumulation: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 42, start: DataPosition | None = None, shuffle: bool = True):
+        self.n_items, self.per_device, self.accumulation = n_items, per_device, accumulation
+        self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.start = start or DataPosition()
+        self.global_batch = per_device * accumulation * world_size
+        if n_items < self.global_batch:
+            raise ValueError(f"the data has {n_items} usable pairs but one optimizer step needs {self.global_batch} "
+                             f"(per_device_batch_size × gradient_accumulation_steps × processes); lower them")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_items // self.global_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n_items)
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n_items, generator=gen)
+
+    def micro_batches(self, epoch: int, first_step: int = 0) -> Iterator[list[int]]:
+        order = self.order(epoch)
+        for step in range(first_step, self.steps_per_epoch):
+            chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
+            # micro-batch m of rank r: the m-th group of `per_device` among this rank's strided share
+            mine = chunk[self.rank::self.world_size]
+            for m in range(self.accumulation):
+                yield mine[m * self.per_device:(m + 1) * self.per_device].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.start.epoch
+        yield from self.micro_batches(epoch, self.start.step_in_epoch)
+        while True:  # the loop stops at max_steps; further epochs reshuffle
+            epoch += 1
+            yield from self.micro_batches(epoch)
+
+    def __len__(self) -> int:  # pragma: no cover - infinite by design
+        raise TypeError("ResumableOrder is infinite; the loop counts steps")
+
+
+class Collator:
+    """list of (EncodedPair | RowError) → (PairBatch | None, errors). Picklable for DataLoader workers."""
+
+    def __init__(self, pad_id: int, layout: str = "naive"):
+        self.pad_id, self.layout = pad_id, layout
+
+    def __call__(self, items: list[EncodedPair | RowError]) -> tuple[PairBatch | None, list[RowError]]:
+        errors = [x for x in items if isinstance(x, RowError)]
+        pairs = [x for x in items if not isinstance(x, RowError)]
+        if not pairs:
+            return None, errors
+        if self.layout == "shared":
+            from mpo.train.shared import collate_shared
+
+            batch = collate_shared(pairs, self.pad_id)
+        else:
+            batch = collate_naive(pairs, self.pad_id)
+        batch.pair_ids = [getattr(p, "index", -1) for p in pairs]
+        return batch, errors

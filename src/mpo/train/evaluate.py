@@ -1,0 +1,143 @@
+"""``mpo eval``: how often a model prefers the chosen answer on held-out pairs.
+
+Two accuracies per dataset and overall:
+
+* ``logp_accuracy``: share of pairs where log π(chosen) > log π(rejected) (sums over answer tokens) — what the
+  model would pick; needs no reference;
+* ``reward_accuracy``: share where the implicit reward β·(log π − log π_ref) of chosen beats rejected — what DPO
+  optimises; needs the reference (by default the base model recorded in the run's ``config.yaml``).
+
+Ties count as not preferred. Each row of each dataset is used once (``repeat_time`` is ignored; 0 still skips).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from mpo.data.encode import PairEncoder
+from mpo.data.errors import RowError
+from mpo.data.meta import read_meta
+from mpo.data.mixture import PreferenceMixture
+from mpo.models import load_model, load_processor
+from mpo.train.data import Collator, EncodedPairs
+from mpo.train.forward import PairScorer
+
+__all__ = ["EvalReport", "run_eval", "resolve_run_model", "score_pairs"]
+
+
+@dataclass
+class DatasetStats:
+    pairs: int = 0
+    logp_wins: int = 0
+    reward_wins: int = 0
+    margin_sum: float = 0.0
+    logp_margin_sum: float = 0.0
+
+    def to_dict(self, has_ref: bool) -> dict:
+        n = max(self.pairs, 1)
+        out = {"pairs": self.pairs, "logp_accuracy": self.logp_wins / n, "mean_logp_margin": self.logp_margin_sum / n}
+        if has_ref:
+            out.update({"reward_accuracy": self.reward_wins / n, "mean_reward_margin": self.margin_sum / n})
+        return out
+
+
+@dataclass
+class EvalReport:
+    model: str
+    reference: str | None
+    datasets: dict[str, dict] = field(default_factory=dict)
+    overall: dict = field(default_factory=dict)
+    skipped_rows: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        cols = ["pairs", "logp_accuracy", "reward_accuracy", "mean_logp_margin", "mean_reward_margin"]
+        rows = [("dataset", *cols)]
+        for name, stats in [*self.datasets.items(), ("overall", self.overall)]:
+            rows.append((name, *(_cell(stats.get(c)) for c in cols)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return str(v) if isinstance(v, int) else f"{v:.4f}"
+
+
+def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
+    """A model folder, or a training output folder → (model path, reference path recorded in the run)."""
+    path = Path(path)
+    for run_dir, model_dir in ((path, path / "final"), (path.parent, path)):
+        cfg = run_dir / "config.yaml"
+        if cfg.is_file() and (model_dir / "config.json").is_file():
+            base = yaml.safe_load(cfg.read_text(encoding="utf-8")).get("model", {}).get("path")
+            return str(model_dir), base
+    return str(path), None
+
+
+@torch.no_grad()
+def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, pad_id: int):
+    """Yield (sources, chosen_logps (B,), rejected_logps (B,), errors) over the dataset in order."""
+    collate = Collator(pad_id)
+    scorer.eval()
+    for start in range(0, len(dataset), batch_size):
+        batch, errors = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        if batch is None:
+            yield [], None, None, errors
+            continue
+        scores = scorer(batch)
+        yield batch.sources, scores.chosen_logps, scores.rejected_logps, errors
+
+
+def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float = 0.1,
+             max_length: int = 16384, max_dynamic_patch: int = 12, batch_size: int = 8, blank_images: bool = False,
+             trust_remote_code: bool = False, seed: int = 42) -> EvalReport:
+    model_path, recorded = resolve_run_model(model_path)
+    reference = reference if reference is not None else recorded
+    processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+    specs = [dataclasses.replace(s, repeat_time=1.0) if s.repeat_time > 0 else s for s in read_meta(meta_path)]
+    mixture = PreferenceMixture(specs, seed=seed, max_dynamic_patch=max_dynamic_patch)
+    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=max_length), blank_images=blank_images)
+    tok = getattr(processor, "tokenizer", processor)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    policy = PairScorer(load_model(model_path, trust_remote_code=trust_remote_code))
+    ref_scores = None
+    if reference:
+        ref = PairScorer(load_model(reference, trust_remote_code=trust_remote_code))
+        ref_scores = list(score_pairs(ref, dataset, batch_size=batch_size, pad_id=pad_id))
+        del ref
+    stats: dict[str, DatasetStats] = defaultdict(DatasetStats)
+    report = EvalReport(model=model_path, reference=reference)
+    for k, (sources, chosen, rejected, errors) in enumerate(score_pairs(policy, dataset, batch_size=batch_size,
+                                                                         pad_id=pad_id)):
+        report.skipped_rows.extend(str(e) for e in errors if isinstance(e, RowError))
+        if chosen is None:
+            continue
+        for j, (name, _line) in enumerate(sources):
+            s = stats[name]
+            s.pairs += 1
+            s.logp_wins += int(chosen[j] > rejected[j])
+            s.logp_margin_sum += float(chosen[j] - rejected[j])
+            if ref_scores is not None:
+                _, rc, rr, _ = ref_scores[k]
+                margin = beta * float((chosen[j] - rc[j]) - (rejected[j] - rr[j]))
+                s.reward_wins += int(margin > 0)
+                s.margin_sum += margin
+    total = DatasetStats()
+    for name in mixture.dataset_sizes:
+        if name in stats:
+            report.datasets[name] = stats[name].to_dict(ref_scores is not None)
+            for f in dataclasses.fields(DatasetStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(stats[name], f.name))
+    report.overall = total.to_dict(ref_scores is not None)
+    return report

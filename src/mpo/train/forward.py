@@ -1,0 +1,70 @@
+"""Scoring a :class:`~mpo.train.batch.PairBatch`: per-answer log-prob sums and the chosen-answer NLL.
+
+The language-model head is applied only to the positions that predict a completion token, in fp32 and in
+chunks (``mpo.losses.completion_logps``): the (rows, length, vocab) logits tensor over image and prompt tokens
+that TRL and InternVL materialise never exists here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpo.losses import completion_logps, token_mean_nll
+from mpo.train.batch import PairBatch
+
+__all__ = ["PairScores", "PairScorer", "backbone_of"]
+
+
+@dataclass
+class PairScores:
+    """chosen_logps, rejected_logps (B,) fp32 sums over answer tokens; chosen_nll () token-mean NLL of chosen."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_nll: torch.Tensor
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The part of an HF ``*ForConditionalGeneration`` / ``*ForCausalLM`` that returns hidden states."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    backbone = getattr(inner, "model", None)
+    if backbone is None:
+        raise TypeError(f"{type(inner).__name__} has no .model backbone; mpo needs an HF *ForConditionalGeneration "
+                        "or *ForCausalLM model")
+    return backbone
+
+
+class PairScorer(nn.Module):
+    """Wraps an HF model so that one ``forward(batch)`` returns :class:`PairScores`.
+
+    The whole computation sits inside ``forward`` so that DDP/DeepSpeed wrappers around this module see the
+    forward they have to synchronise.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: PairBatch) -> PairScores:  # noqa: D401
+        hidden = self.hidden_states(batch)
+        head = self.model.get_output_embeddings()
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_index)
+        sums, _, token_logps = completion_logps(
+            flat, head.weight, getattr(head, "bias", None), batch.target_ids, batch.segment_ids,
+            2 * batch.num_pairs, chunk_size=self.chunk_size)
+        chosen_segments = torch.arange(2 * batch.num_pairs, device=token_logps.device) % 2 == 0
+        nll = token_mean_nll(token_logps, batch.segment_ids, chosen_segments)
+        return PairScores(chosen_logps=sums[0::2], rejected_logps=sums[1::2], chosen_nll=nll)
+
+    def hidden_states(self, batch: PairBatch) -> torch.Tensor:
+        """(R, L, H) last hidden states of the backbone."""
+        kwargs = dict(batch.model_inputs)
+        if batch.position_ids is not None:
+            kwargs["position_ids"] = batch.position_ids
+        out = backbone_of(self.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False, **kwargs)
+        return out.last_hidden_state

@@ -1,0 +1,354 @@
+"""``mpo train``: one readable MPO loop on 🤗 Accelerate.
+
+Why a loop and not a ``transformers.Trainer`` subclass: MPO needs per-micro-step state that the Trainer hides
+(the BCO shift δ is updated between the forward and the loss, all-reduced across ranks, and checkpointed), a data
+position that resumes in O(1), bad rows that are logged rather than crash a worker, and a forward that scores
+only completion tokens. A Trainer subclass would override most of ``training_step``, ``_save_checkpoint`` and the
+data loader; a ~150-line loop on Accelerate (which still gives DDP, DeepSpeed and FSDP through
+``accelerate launch``) reads top to bottom instead.
+
+    setup()  → model, reference, data, optimizer, schedule (and the resumed state)
+    train()  → for each optimizer step: accumulate micro-batches (policy forward, reference forward, δ, loss,
+               backward) → clip → step → log → checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from mpo.config import to_dict
+from mpo.data.encode import PairEncoder
+from mpo.data.errors import DataError, RowError
+from mpo.data.meta import read_meta
+from mpo.data.mixture import PreferenceMixture
+from mpo.data.rejects import RejectedRowLog, handle_bad_row
+from mpo.fsio import atomic_write_text
+from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
+from mpo.models import load_model, load_processor
+from mpo.train import checkpoint as ckpt
+from mpo.train.config import RunConfig
+from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder
+from mpo.train.forward import PairScorer, PairScores
+from mpo.train.metrics import MetricsLogger
+from mpo.train.setup import (add_lora, apply_freezing, apply_vision_drop_path, count_parameters, disable_dropout, freeze_train_mode,
+                             make_reference, set_seed)
+
+__all__ = ["TrainingError", "TrainResult", "run_train"]
+
+log = logging.getLogger("mpo.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad data everywhere, a non-finite loss, ...); the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_seconds: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_rows: int = 0
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds; ``train`` only reads it (and steps optimizer/scheduler/δ)."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    scorer: torch.nn.Module
+    reference: PairScorer | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: DataLoader
+    order: ResumableOrder
+    total_steps: int
+    delta: RunningMean
+    rejects: RejectedRowLog
+    metrics: MetricsLogger
+    start_step: int = 0
+    config_text: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
+    cfg.require_paths()
+    accelerator = _accelerator(cfg)
+    _derive_accumulation(cfg, accelerator.num_processes)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    if accelerator.is_main_process:
+        atomic_write_text(out / "config.yaml", config_text)
+
+    processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype,
+                       attn_implementation=cfg.model.attn_implementation)
+    disable_dropout(model)
+    apply_freezing(model, cfg.model)
+    reference = None if cfg.model.lora.r > 0 or cfg.train.ref_cache else PairScorer(make_reference(model))
+    apply_vision_drop_path(model, cfg.model.drop_path_rate)  # after the copy: the reference stays deterministic
+    if reference is not None:
+        reference.to(accelerator.device)
+    if cfg.model.lora.r > 0:
+        model = add_lora(model, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+    log.info("model %s: %.2f M parameters, %.2f M trainable", cfg.model.path, total / 1e6, trainable / 1e6)
+
+    mixture = PreferenceMixture(read_meta(cfg.data.meta_path), seed=cfg.data.seed,
+                                max_dynamic_patch=cfg.data.max_dynamic_patch)
+    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
+    rejects = RejectedRowLog(out / "rejected_rows.jsonl")
+    _require_usable_rows(dataset, cfg, rejects)
+
+    tc = cfg.train
+    order = ResumableOrder(len(dataset), per_device=tc.per_device_batch_size, accumulation=tc.gradient_accumulation_steps,
+                           world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.data.seed)
+    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_train_epochs * order.steps_per_epoch))
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as HF Trainer does
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    name = "constant_with_warmup" if tc.lr_scheduler == "constant" else tc.lr_scheduler  # HF's "constant" has none
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scorer, optimizer = accelerator.prepare(PairScorer(model), optimizer)
+
+    delta = RunningMean(all_reduce=_mean_over_ranks(accelerator))
+    start_step, position = 0, DataPosition()
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if resume and latest is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
+    if latest is not None:
+        start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta)
+        log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
+    order.start = position
+    pad_id = _pad_id(processor)
+    loader = DataLoader(dataset, batch_sampler=order, collate_fn=Collator(pad_id, tc.pair_layout),
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
+    return Run(cfg, accelerator, scorer, reference, optimizer, scheduler, loader, order, total_steps, delta,
+               rejects, metrics, start_step, config_text)
+
+
+def _accelerator(cfg: RunConfig) -> Accelerator:
+    if not cfg.train.deepspeed:
+        return Accelerator()
+    try:
+        from accelerate.utils import DeepSpeedPlugin
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise TrainingError(f"train.deepspeed={cfg.train.deepspeed}: DeepSpeed is not installed "
+                            "(pip install 'mpo[deepspeed]'), or leave train.deepspeed empty") from None
+    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed))
+
+
+def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
+    tc = cfg.train
+    if tc.global_batch_size <= 0:
+        return
+    per_step = tc.per_device_batch_size * world_size
+    if tc.global_batch_size % per_step:
+        raise TrainingError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
+                            f"per_device_batch_size × processes = {per_step}")
+    tc.gradient_accumulation_steps = tc.global_batch_size // per_step
+
+
+def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: RejectedRowLog) -> None:
+    """Fail before training when no row of the mixture can be used (scans only until the first good row)."""
+    if len(dataset) == 0:
+        raise TrainingError(f"{cfg.data.meta_path}: the meta file yields no rows (every repeat_time is 0 or every "
+                            "annotation file is empty)")
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, RowError):
+            return
+        handle_bad_row(item, cfg.data.on_bad_row, rejects)
+    raise TrainingError(f"{cfg.data.meta_path}: none of the {len(dataset)} rows is usable; the reasons are in "
+                        f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
+
+
+def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta) -> tuple[int, DataPosition]:
+    model = accelerator.unwrap_model(scorer).model
+    if hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
+    else:
+        # through from_pretrained, so that transformers' checkpoint key mapping applies both ways
+        saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
+        del saved
+    trainer_state = ckpt.load_training_state(path, optimizer=optimizer, scheduler=scheduler)
+    delta.load_state_dict(trainer_state["delta"])
+    pos = trainer_state["position"]
+    return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])
+
+
+def _mean_over_ranks(accelerator: Accelerator):
+    if accelerator.num_processes == 1:
+        return None
+
+    def reduce(x: float) -> float:
+        t = torch.tensor([x], device=accelerator.device, dtype=torch.float64)
+        return float(accelerator.reduce(t, reduction="mean").item())
+
+    return reduce
+
+
+def _pad_id(processor) -> int:
+    tok = getattr(processor, "tokenizer", processor)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
+
+
+def reference_scores(run: Run, batch) -> PairScores:
+    """Reference log-probs: the frozen copy, or the policy with its LoRA adapters switched off."""
+    with torch.no_grad():
+        if run.reference is not None:
+            return run.reference(batch)
+        policy = run.accelerator.unwrap_model(run.scorer)
+        with policy.model.disable_adapter():
+            return policy(batch)
+
+
+def train(run: Run) -> TrainResult:
+    cfg, acc, tc = run.cfg, run.accelerator, run.cfg.train
+    accum = tc.gradient_accumulation_steps
+    batches = iter(run.loader)
+    step, last = run.start_step, {}
+    run.scorer.train()
+    freeze_train_mode(acc.unwrap_model(run.scorer).model, cfg.model)
+    t_start = time.perf_counter()
+    while step < run.total_steps:
+        t0, sums, n_pairs, n_tokens = time.perf_counter(), {}, 0, 0
+        for micro in range(accum):
+            batch, errors = next(batches)
+            for err in errors:
+                handle_bad_row(err, cfg.data.on_bad_row, run.rejects)
+            if batch is None:  # every pair of this micro-batch was bad; it was logged
+                continue
+            batch = batch.to(acc.device)
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.scorer)
+            with sync:
+                policy = run.scorer(batch)
+                ref = reference_scores(run, batch)
+                beta = cfg.loss.beta
+                chosen_r = beta * (policy.chosen_logps - ref.chosen_logps).detach()
+                rejected_r = beta * (policy.rejected_logps - ref.rejected_logps).detach()
+                batch_reward = rewards_mean(chosen_r, rejected_r)
+                if not math.isfinite(batch_reward) or not torch.isfinite(policy.chosen_nll):
+                    _nonfinite(step + 1, "the loss is nan" if math.isnan(batch_reward) else "the loss is not finite",
+                               batch, tc.output_dir)
+                run.delta.update(batch_reward)  # δ includes the current batch, before the loss (InternVL)
+                out = mpo_loss_with_rewards(
+                    policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
+                    policy.chosen_nll, beta=beta, loss_types=cfg.loss.loss_types, loss_weights=cfg.loss.loss_weights,
+                    delta=run.delta.value)
+                if not torch.isfinite(out.loss):
+                    _nonfinite(step + 1, f"the loss is {out.loss.item()}", batch, tc.output_dir)
+                acc.backward(out.loss / accum)
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * batch.num_pairs
+            n_pairs += batch.num_pairs
+            n_tokens += batch.num_tokens
+        grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        last = {k: v / max(n_pairs, 1) for k, v in sums.items()}
+        last.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                     "lr": run.scheduler.get_last_lr()[0], "pairs_per_s": n_pairs / dt, "tokens_per_s": n_tokens / dt,
+                     "skipped_rows": run.rejects.total, "delta": run.delta.value, "epoch": _epoch(run, step)})
+        if step % tc.logging_steps == 0 or step == run.total_steps:
+            run.metrics.log(step, last)
+        if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
+            save(run, step)
+    return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, run.rejects.total)
+
+
+def _nonfinite(step: int, what: str, batch, output_dir: str) -> None:
+    raise TrainingError(f"step {step}: {what} (pairs from {batch.sources[:4]}); stopped without saving, the last "
+                        f"good checkpoint in {output_dir} is intact (lower train.learning_rate, check the data)")
+
+
+def _epoch(run: Run, step: int) -> float:
+    start = run.order.start
+    return start.epoch + (start.step_in_epoch + step - run.start_step) / run.order.steps_per_epoch
+
+
+def _position(run: Run, step: int) -> DataPosition:
+    absolute = run.order.start.epoch * run.order.steps_per_epoch + run.order.start.step_in_epoch
+    absolute += step - run.start_step
+    return DataPosition(absolute // run.order.steps_per_epoch, absolute % run.order.steps_per_epoch)
+
+
+def save(run: Run, step: int) -> None:
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out = Path(run.cfg.train.output_dir)
+        pos = _position(run, step)
+        state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
+                 "delta": run.delta.state_dict(), "total_steps": run.total_steps,
+                 "skipped_rows": run.rejects.total}
+        ckpt.save_checkpoint(out, step, model=acc.unwrap_model(run.scorer).model, optimizer=run.optimizer,
+                             scheduler=run.scheduler, trainer_state=state, config_text=run.config_text)
+        ckpt.prune_checkpoints(out, run.cfg.train.save_total_limit)
+    acc.wait_for_everyone()
+
+
+def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+    """Set up and train; writes checkpoints and the final model under ``cfg.train.output_dir``."""
+    try:
+        run = setup(cfg, resume=resume)
+    except DataError as exc:
+        raise TrainingError(str(exc)) from None
+    try:
+        result = train(run)
+    except DataError as exc:  # on_bad_row: error
+        raise TrainingError(f"{exc} (data.on_bad_row=error stops at the first bad row)") from None
+    finally:
+        run.rejects.close()
+        run.metrics.close()
+    export_final(run)
+    return result
+
+
+def export_final(run: Run) -> None:
+    """``output_dir/final``: the trained model + processor, loadable by path like any checkpoint."""
+    acc = run.accelerator
+    if not acc.is_main_process:
+        return
+    out = Path(run.cfg.train.output_dir) / "final"
+    model = acc.unwrap_model(run.scorer).model
+    model.save_pretrained(out, safe_serialization=True)
+    load_processor(run.cfg.model.path, trust_remote_code=run.cfg.model.trust_remote_code).save_pretrained(out)

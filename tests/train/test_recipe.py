@@ -1,0 +1,160 @@
+"""The training loop on a tiny InternVL, CPU fp32: it learns, it resumes exactly, it fails clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_config
+
+from mpo.config import ConfigError
+from mpo.train.recipe import TrainingError, run_train, setup, train
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def test_train_writes_metrics_checkpoint_and_final_model(demo_model, demo_data, tmp_path):
+    cfg = run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.save_steps=2")
+    result = run_train(cfg)
+    assert result.steps == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    expected = {"loss", "loss/sigmoid", "loss/sigmoid_weighted", "loss/bco_pair", "loss/bco_pair_weighted",
+                "loss/sft", "loss/sft_weighted", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "delta", "grad_norm", "lr", "pairs_per_s",
+                "tokens_per_s", "skipped_rows"}
+    assert expected <= set(rows[0])
+    first = rows[0]
+    # step 1: policy == reference, so every reward is 0: DPO = ln 2, BCO = 2 ln 2, weighted 0.8 and 0.2
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss/sigmoid"] == pytest.approx(0.693147, abs=1e-5)
+    assert first["loss/bco_pair"] == pytest.approx(1.386294, abs=1e-5)
+    assert first["loss"] == pytest.approx(0.8 * 0.693147 + 0.2 * 1.386294 + first["loss/sft"], abs=1e-4)
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path):
+    """4 steps straight == 2 steps, stop, --resume to 4 (fp32, CPU): weights bit-identical, δ equal."""
+    meta = demo_data / "meta.json"
+    straight = run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", "train.save_steps=2")
+    run_train(straight)
+    first = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=2", "train.save_steps=2")
+    run_train(first)
+    resumed = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", "train.save_steps=2")
+    result = run_train(resumed, resume=True)
+    assert result.steps == 4
+    a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = json.loads((tmp_path / "a" / "checkpoint-4" / "trainer_state.json").read_text())
+    sb = json.loads((tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert sa["delta"] == sb["delta"] and sa["delta"]["value"] != 0.0
+    assert sa["position"] == sb["position"]
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+
+
+def test_nonfinite_loss_stops_and_names_the_step(demo_model, demo_data, tmp_path):
+    run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run"))
+    with torch.no_grad():
+        next(p for p in run.scorer.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"step 1: the loss is nan .*last good checkpoint"):
+        train(run)
+
+
+def test_missing_model_path_is_a_clear_error(demo_data, tmp_path):
+    from mpo.models import ModelLoadError
+
+    cfg = run_config(tmp_path / "nope", demo_data / "meta.json", tmp_path / "run")
+    with pytest.raises(ModelLoadError, match="nope"):
+        run_train(cfg)
+
+
+def test_meta_without_usable_rows_fails_before_training(demo_model, tmp_path):
+    ann = tmp_path / "bad.jsonl"
+    ann.write_text('{"question": "q"}\nnot json\n')
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"bad": {"root": ".", "annotation": "bad.jsonl", "repeat_time": 1}}))
+    with pytest.raises(TrainingError, match=r"none of the 2 rows is usable"):
+        run_train(run_config(demo_model, meta, tmp_path / "run"))
+    rejected = (tmp_path / "run" / "rejected_rows.jsonl").read_text().splitlines()
+    assert [json.loads(r)["line"] for r in rejected] == [1, 2]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_bad_rows_are_skipped_counted_and_written_aside(demo_model, demo_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    ann = data / "annotations" / "shape_colour.jsonl"
+    lines = ann.read_text().splitlines()
+    lines[0] = "{broken"
+    ann.write_text("\n".join(lines) + "\n")
+    cfg = run_config(demo_model, data / "meta.json", tmp_path / "run", "train.max_steps=6")
+    result = run_train(cfg)
+    rejected = [json.loads(r) for r in (tmp_path / "run" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert {(r["dataset"], r["line"]) for r in rejected} == {("shape_colour", 1)}
+    assert result.skipped_rows >= 1
+
+
+def test_on_bad_row_error_stops(demo_model, demo_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    for name in ("shape_colour", "pair_colour", "text_arith"):
+        ann = data / "annotations" / f"{name}.jsonl"
+        ann.write_text("{broken\n" + ann.read_text())
+    with pytest.raises(TrainingError, match=r"shape_colour:1: -: not valid JSON"):
+        run_train(run_config(demo_model, data / "meta.json", tmp_path / "run", "data.on_bad_row=error"))
+
+
+def test_lora_reference_is_the_model_with_adapters_off(demo_model, demo_data, tmp_path):
+    from mpo.train.recipe import reference_scores
+
+    run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "model.lora.r=4",
+                           "model.lora.target_modules=[q_proj,v_proj]"))
+    assert run.reference is None
+    batch, _ = next(iter(run.loader))
+    policy = run.scorer(batch)
+    ref = reference_scores(run, batch)
+    # LoRA's B matrices start at zero: before any step the adapted model equals the base model
+    torch.testing.assert_close(policy.chosen_logps, ref.chosen_logps)
+    trainable = sum(p.numel() for p in run.scorer.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in run.scorer.parameters()) // 5
+
+
+def test_global_batch_size_derives_accumulation(demo_model, demo_data, tmp_path):
+    run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.global_batch_size=8"))
+    assert run.cfg.train.gradient_accumulation_steps == 2
+    with pytest.raises(TrainingError, match="global_batch_size=6 is not a multiple"):
+        setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run2", "train.global_batch_size=6"))
+
+
+def test_freeze_flags(demo_model, demo_data, tmp_path):
+    run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "model.freeze_backbone=true",
+                           "model.freeze_mlp=true"))
+    model = run.scorer.model
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_required_meta(demo_model, tmp_path):
+    cfg = run_config(demo_model, "", tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.meta_path: required"):
+        run_train(cfg)
