@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mpo.data.encode import TOKEN_ALIGNED_KEYS
+
 __all__ = ["PairBatch", "collate_naive", "TOKEN_ALIGNED_KEYS"]
 
-# Processor outputs that carry one value per prompt token (shape (1, P)) rather than one per image.
-TOKEN_ALIGNED_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 @dataclass

@@ -84,7 +84,10 @@ class TrainConfig:
     save_total_limit: int = field(3, help="Keep at most this many checkpoints (0: keep all).", ge=0)
     report_to: list[str] = field(default_factory=list, help="Extra loggers: tensorboard, wandb.")
     seed: int = field(42, help="Seed of weights init of new parts, dropout, and LoRA.")
-    pair_layout: Literal["naive", "shared"] = field("naive", help="naive: two sequences per pair; shared: prompt once per pair.")
+    pair_layout: Literal["naive", "shared"] = field("shared", help="shared: prompt and images once per pair (exact, "
+                                                    "faster); naive: two sequences per pair, for debugging.")
+    pack_length: int = field(0, help="shared layout: pack pairs into rows of up to this many tokens, never splitting "
+                             "a pair (0: one pair per row).", ge=0)
     ref_cache: str = field("", help="Folder of precomputed reference log-probs (mpo precompute-ref); empty = reference in the loop.")
     deepspeed: str = field("", help="DeepSpeed JSON config for accelerate launch (multi-GPU presets).")
 

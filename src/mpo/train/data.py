@@ -24,6 +24,7 @@ from mpo.data.encode import EncodedPair, PairEncoder
 from mpo.data.errors import RowError
 from mpo.data.mixture import PreferenceMixture
 from mpo.train.batch import PairBatch, collate_naive
+from mpo.train.shared import collate_shared
 
 __all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator"]
 
@@ -106,8 +107,10 @@ class ResumableOrder(Sampler[list[int]]):
 class Collator:
     """list of (EncodedPair | RowError) → (PairBatch | None, errors). Picklable for DataLoader workers."""
 
-    def __init__(self, pad_id: int, layout: str = "naive"):
-        self.pad_id, self.layout = pad_id, layout
+    def __init__(self, pad_id: int, layout: str = "naive", *, pack_length: int | None = None,
+                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+        self.pad_id, self.layout, self.pack_length = pad_id, layout, pack_length
+        self.attn_implementation, self.dtype = attn_implementation, dtype
 
     def __call__(self, items: list[EncodedPair | RowError]) -> tuple[PairBatch | None, list[RowError]]:
         errors = [x for x in items if isinstance(x, RowError)]
@@ -115,9 +118,8 @@ class Collator:
         if not pairs:
             return None, errors
         if self.layout == "shared":
-            from mpo.train.shared import collate_shared
-
-            batch = collate_shared(pairs, self.pad_id)
+            batch = collate_shared(pairs, self.pad_id, pack_length=self.pack_length,
+                                   attn_implementation=self.attn_implementation, dtype=self.dtype)
         else:
             batch = collate_naive(pairs, self.pad_id)
         batch.pair_ids = [getattr(p, "index", -1) for p in pairs]

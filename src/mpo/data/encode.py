@@ -1,0 +1,250 @@
+"""Preference row → prompt ids, chosen ids, rejected ids and image inputs, with the model's own processor.
+
+The prompt is rendered by the model's chat template and expanded by its processor, so it is token for token
+what the model sees at inference. Worked example (tiny InternVL, 64x64 tiles, 16 tokens per tile; a 64x192
+image with ``max_patches=6`` gives 3 tiles + 1 thumbnail)::
+
+    question "<image>\\nWhat colour is the cube?", chosen "The cube is red.", rejected "The cube is blue."
+    prompt   <|im_start|>user\\n<img><IMG_CONTEXT>x64</img>\\nWhat colour is the cube?<|im_end|>\\n<|im_start|>assistant\\n
+    chosen   The cube is red.<|im_end|>        rejected  The cube is blue.<|im_end|>
+    image_inputs {"pixel_values": (4, 3, 64, 64)}, n_image_tokens 64
+
+The completion is ``answer + END`` (END = the template's end-of-turn string, ``<|im_end|>`` for ChatML),
+tokenized on its own, so the prompt/completion boundary is exact by construction: no token can merge across
+it. The newline the template writes after ``<|im_end|>`` is *not* part of the completion: at inference the
+model stops at the end-of-turn token and never produces it. (The seed's new version trained on that newline;
+its old version did not.)
+
+Lengths are planned before any pixel is touched (``plan_length``): the image token count comes from the
+processor's own size → patch-count helper, so ``plan_length(...) == encode(...).length`` exactly. A pair longer
+than ``max_length`` is dropped (``TooLongError``), never truncated through an image or an answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from mpo.data.errors import RowError, TooLongError
+from mpo.data.records import IMAGE_PLACEHOLDER
+
+__all__ = ["TOKEN_ALIGNED_KEYS", "EncodedPair", "PairEncoder", "question_content"]
+
+# Processor outputs with one value per prompt token (stored as (P,) like prompt_ids); a collator extends
+# them over the completion with 0 ("text"). Qwen2.5-VL needs mm_token_type_ids for its 3D RoPE positions.
+TOKEN_ALIGNED_KEYS = frozenset({"mm_token_type_ids", "token_type_ids"})
+_SENTINEL = "MPO_END_OF_TURN_PROBE"
+
+
+class _Record(Protocol):
+    dataset: str
+    line: int
+    question: str
+    chosen: str
+    rejected: str
+    system_prompt: str | None
+
+
+@dataclass
+class EncodedPair:
+    """One encoded preference pair.
+
+    prompt_ids: (P,) int64, system/user turns + assistant header, image tokens expanded.
+    chosen_ids: (C,) int64, chosen answer tokens + the end-of-turn token. rejected_ids: (R,) likewise.
+    image_inputs: every processor output except input_ids/attention_mask: InternVL ``pixel_values``
+    (T, 3, S, S) with T tiles over all images; Qwen2.5-VL ``pixel_values`` (N, 3·2·P²) + ``image_grid_thw``
+    (n_images, 3); ``mm_token_type_ids`` (P,) when returned (see ``TOKEN_ALIGNED_KEYS``); ``{}`` for text.
+    n_image_tokens: prompt positions filled by image features (InternVL: image_seq_length x tiles).
+    """
+
+    prompt_ids: torch.Tensor
+    chosen_ids: torch.Tensor
+    rejected_ids: torch.Tensor
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_images: int = 0
+    n_image_tokens: int = 0
+    dataset: str = ""
+    line: int = 0
+
+    @property
+    def length(self) -> int:
+        """P + max(C, R): the longer of the two sequences prompt+chosen and prompt+rejected."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def question_content(question: str) -> list[dict[str, str]]:
+    """Split a question on ``<image>`` into chat content items, so the chat template places each image.
+
+    ONE newline directly after a placeholder is dropped: MMPR-style rows write ``<image>\\nQuestion`` and
+    the template adds its own separator (InternVL writes ``<IMG_CONTEXT>\\n``), so keeping it would double
+    the newline. Empty text pieces are left out.
+
+    >>> question_content("<image>\\nWhat colour?")
+    [{'type': 'image'}, {'type': 'text', 'text': 'What colour?'}]
+    """
+    content: list[dict[str, str]] = []
+    for i, piece in enumerate(question.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            content.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+class PairEncoder:
+    """Encode preference records with a model's processor (VLM) or tokenizer (text-only LM).
+
+    ``max_length`` (tokens, image tokens included) drops longer pairs with ``TooLongError``; None keeps all.
+    """
+
+    def __init__(self, processor: Any, *, max_length: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        self.processor = processor
+        self.max_length = max_length
+        self.multimodal = hasattr(processor, "image_processor")
+        self.tokenizer = processor.tokenizer if self.multimodal else processor
+        if not (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
+            raise ValueError(f"{type(processor).__name__} has no chat template; MPO needs one to render prompts")
+        probe = self._render_probe()
+        self.end_of_turn = self._find_end_of_turn(probe)
+        self.control_tokens = self._find_control_tokens(probe)
+        self._tiles = self.multimodal and hasattr(processor.image_processor, "crop_to_patches")
+        self.image_token_id = getattr(processor, "image_token_id", None) if self.multimodal else None
+
+    def _content(self, text: str) -> Any:
+        # Processors' templates iterate over typed items; plain LM templates expect a string.
+        return [{"type": "text", "text": text}] if self.multimodal else text
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def _render_probe(self) -> str:
+        """One user turn (with an image for VLMs) and one assistant turn whose answer is a sentinel."""
+        user = [{"type": "image"}, {"type": "text", "text": "hi"}] if self.multimodal else "hi"
+        return self._render([{"role": "user", "content": user},
+                             {"role": "assistant", "content": self._content(_SENTINEL)}], False)
+
+    def _find_end_of_turn(self, probe: str) -> str:
+        """The template's end-of-turn string: what it writes after an assistant answer, minus the trailing
+        whitespace (ChatML: ``<|im_end|>\n`` → ``<|im_end|>``); the tokenizer's EOS if it writes nothing."""
+        end = probe[probe.rindex(_SENTINEL) + len(_SENTINEL):].rstrip() or self.tokenizer.eos_token
+        if not end:
+            raise ValueError(f"{type(self.processor).__name__}: the chat template writes nothing after an "
+                             "assistant answer and the tokenizer has no eos_token: cannot end a completion")
+        return end
+
+    def _find_control_tokens(self, probe: str) -> list[str]:
+        """Special tokens that row text must not contain: those the template itself writes (turn markers,
+        image markup), the processor's image/video placeholders, and BOS/EOS/PAD. Other special tokens
+        (InternVL's ``<ref>``/``<box>`` grounding tags, ``<think>``) are legitimate answer text."""
+        specials = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        found = {t for t in specials if t in probe}
+        found |= {getattr(self.processor, name, None) for name in
+                  ("image_token", "video_token", "start_image_token", "end_image_token")}
+        found |= {self.tokenizer.bos_token, self.tokenizer.eos_token, self.tokenizer.pad_token}
+        return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+    def prompt_text(self, record: _Record) -> str:
+        """The rendered prompt (chat template, ``add_generation_prompt=True``), image placeholders unexpanded."""
+        messages: list[dict[str, Any]] = []
+        if record.system_prompt is not None:
+            messages.append({"role": "system", "content": self._content(record.system_prompt)})
+        user = question_content(record.question) if self.multimodal else record.question
+        messages.append({"role": "user", "content": user})
+        return self._render(messages, add_generation_prompt=True)
+
+    def _check_row(self, record: _Record, n_images: int) -> None:
+        for name in ("question", "chosen", "rejected", "system_prompt"):
+            text = getattr(record, name) or ""
+            for special in self.control_tokens:
+                if special in text:
+                    raise RowError(record.dataset, record.line, name,
+                                   f"contains the special token {special!r}, which the model would read as "
+                                   "a control token")
+        if n_images and not self.multimodal:
+            raise RowError(record.dataset, record.line, "images", f"the model is text-only (its processor "
+                           f"is a tokenizer) but the row has {n_images} image(s)")
+        n_placeholders = record.question.count(IMAGE_PLACEHOLDER)
+        if n_placeholders != n_images:
+            raise RowError(record.dataset, record.line, "question", f"has {n_placeholders} {IMAGE_PLACEHOLDER} "
+                           f"placeholder(s) but {n_images} image(s) were given")
+
+    def _image_kwargs(self, max_patches: int | None) -> dict[str, Any]:
+        """Tiling kwargs for processors that tile (InternVL); processors without tiles (Qwen2.5-VL) get none
+        and ignore ``max_patches``: their image grid comes from the pixel budget of the processor."""
+        if not self._tiles:
+            return {}
+        if max_patches is not None and max_patches < 1:
+            raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+        return {"crop_to_patches": True} | ({} if max_patches is None else {"max_patches": max_patches})
+
+    def _add_special_tokens(self, text: str) -> bool:
+        # As processor.apply_chat_template(tokenize=True) does: a template that already wrote the BOS
+        # must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
+    def _completion_ids(self, answer: str) -> torch.Tensor:
+        ids = self.tokenizer(answer + self.end_of_turn, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def encode(self, record: _Record, images: list, *, max_patches: int | None = None) -> EncodedPair:
+        """Encode one record; ``images`` are the row's images in placeholder order (PIL images).
+
+        ``max_patches`` caps the tiles per image (InternVL; the row's tile budget from the data layer).
+        Raises ``RowError`` for an unusable row and ``TooLongError`` when ``length > max_length``.
+        """
+        images = list(images)
+        self._check_row(record, len(images))
+        text = self.prompt_text(record)
+        add_special = self._add_special_tokens(text)
+        if self.multimodal:
+            out = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                 add_special_tokens=add_special, **(self._image_kwargs(max_patches) if images else {}))
+        else:
+            out = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        prompt_ids = out.pop("input_ids")[0].to(torch.long)
+        out.pop("attention_mask", None)
+        image_inputs = {k: (v[0] if k in TOKEN_ALIGNED_KEYS else v) for k, v in out.items()}
+        n_image_tokens = int((prompt_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        pair = EncodedPair(prompt_ids=prompt_ids, chosen_ids=self._completion_ids(record.chosen),
+                           rejected_ids=self._completion_ids(record.rejected), image_inputs=image_inputs,
+                           n_images=len(images), n_image_tokens=n_image_tokens, dataset=record.dataset,
+                           line=record.line)
+        self._check_length(record, pair, n_image_tokens)
+        return pair
+
+    def plan_length(self, record: _Record, image_sizes: list[tuple[int, int]], *,
+                    max_patches: int | None = None) -> int:
+        """``encode(...).length`` without pixel processing. ``image_sizes`` are ``(width, height)`` per image,
+        in PIL's ``Image.size`` order. Each image placeholder token of the rendered prompt is replaced by
+        the processor's ``num_image_tokens`` for that size (InternVL: ``<img>`` + 16·tiles + ``</img>``).
+
+        Does not check ``max_length``: compare the result yourself (the data layer reports, then drops).
+        """
+        self._check_row(record, len(image_sizes))
+        text = self.prompt_text(record)
+        n_prompt = len(self.tokenizer(text, add_special_tokens=self._add_special_tokens(text))["input_ids"])
+        if image_sizes:
+            if not hasattr(self.processor, "_get_num_multimodal_tokens"):
+                raise NotImplementedError(f"{type(self.processor).__name__} cannot count image tokens from image "
+                                          "sizes (no _get_num_multimodal_tokens); encode the pair to measure it")
+            mm = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in image_sizes],
+                                                           **self._image_kwargs(max_patches))
+            n_prompt += sum(mm.num_image_tokens) - len(image_sizes)
+        return n_prompt + max(len(self._completion_ids(record.chosen)), len(self._completion_ids(record.rejected)))
+
+    def _check_length(self, record: _Record, pair: EncodedPair, n_image_tokens: int) -> None:
+        if self.max_length is None or pair.length <= self.max_length:
+            return
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        # Name the field that pushes the pair over: the prompt itself, or the longer answer.
+        name = "question" if p >= self.max_length else ("chosen" if c >= r else "rejected")
+        raise TooLongError(record.dataset, record.line, name,
+                           f"pair is {pair.length} tokens (prompt {p} incl. {n_image_tokens} image tokens, "
+                           f"chosen {c}, rejected {r}), over max_length {self.max_length}; dropped, not truncated")
