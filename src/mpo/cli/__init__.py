@@ -15,6 +15,7 @@ app.command("train")(train.train)
 app.command("config-help")(train.config_help)
 app.command("eval")(train.eval_)
 app.command("demo")(train.demo)
+app.command("precompute-ref")(train.precompute_ref)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -72,3 +72,23 @@ def demo(
 
     _logging()
     run_demo(out, steps=steps)
+
+
+def precompute_ref(
+    config: Path = typer.Argument(..., help="The run config YAML the cache is for."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.ref_cache=cache/"),
+    batch_size: int = typer.Option(8, help="Pairs per reference forward."),
+) -> None:
+    """Compute the reference log-probs of every training pair once (resumable); then train with train.ref_cache."""
+    from mpo.train.config import RunConfig
+    from mpo.train.precompute import run_precompute
+    from mpo.train.refcache import RefCacheError
+
+    _logging()
+    try:
+        cfg = load_config(RunConfig, config, overrides or [])
+        out = run_precompute(cfg, batch_size=batch_size)
+    except (ConfigError, RefCacheError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"reference cache: {out}  (train with: mpo train {config} train.ref_cache={out})")

@@ -42,8 +42,17 @@ from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder
 from mpo.train.forward import PairScorer, PairScores, backbone_of
 from mpo.train.metrics import MetricsLogger
-from mpo.train.setup import (add_lora, apply_freezing, apply_vision_drop_path, count_parameters, disable_dropout, freeze_train_mode,
-                             make_reference, set_seed)
+from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
+from mpo.train.setup import (
+    add_lora,
+    apply_freezing,
+    apply_vision_drop_path,
+    count_parameters,
+    disable_dropout,
+    freeze_train_mode,
+    make_reference,
+    set_seed,
+)
 
 __all__ = ["TrainingError", "TrainResult", "run_train"]
 
@@ -71,6 +80,7 @@ class Run:
     accelerator: Accelerator
     scorer: torch.nn.Module
     reference: PairScorer | None
+    cached_reference: CachedReference | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: DataLoader
@@ -103,7 +113,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                        attn_implementation=cfg.model.attn_implementation)
     disable_dropout(model)
     apply_freezing(model, cfg.model)
-    reference = None if cfg.model.lora.r > 0 or cfg.train.ref_cache else PairScorer(make_reference(model))
+    tc = cfg.train
+    reference = None if cfg.model.lora.r > 0 or tc.ref_cache else PairScorer(make_reference(model))
     apply_vision_drop_path(model, cfg.model.drop_path_rate)  # after the copy: the reference stays deterministic
     if reference is not None:
         reference.to(accelerator.device)
@@ -114,13 +125,13 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     trainable, total = count_parameters(model)
     log.info("model %s: %.2f M parameters, %.2f M trainable", cfg.model.path, total / 1e6, trainable / 1e6)
 
-    mixture = PreferenceMixture(read_meta(cfg.data.meta_path), seed=cfg.data.seed,
-                                max_dynamic_patch=cfg.data.max_dynamic_patch)
+    specs = read_meta(cfg.data.meta_path)
+    cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor)) if tc.ref_cache else None
+    mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
     rejects = RejectedRowLog(out / "rejected_rows.jsonl")
     _require_usable_rows(dataset, cfg, rejects)
 
-    tc = cfg.train
     order = ResumableOrder(len(dataset), per_device=tc.per_device_batch_size, accumulation=tc.gradient_accumulation_steps,
                            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.data.seed)
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_train_epochs * order.steps_per_epoch))
@@ -149,7 +160,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
-    return Run(cfg, accelerator, scorer, reference, optimizer, scheduler, loader, order, total_steps, delta,
+    return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text)
 
 
@@ -157,8 +168,8 @@ def _accelerator(cfg: RunConfig) -> Accelerator:
     if not cfg.train.deepspeed:
         return Accelerator()
     try:
-        from accelerate.utils import DeepSpeedPlugin
         import deepspeed  # noqa: F401
+        from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise TrainingError(f"train.deepspeed={cfg.train.deepspeed}: DeepSpeed is not installed "
                             "(pip install 'mpo[deepspeed]'), or leave train.deepspeed empty") from None
@@ -239,7 +250,10 @@ def _pad_id(processor) -> int:
 
 
 def reference_scores(run: Run, batch) -> PairScores:
-    """Reference log-probs: the frozen copy, or the policy with its LoRA adapters switched off."""
+    """Reference log-probs: the cache, the frozen copy, or the policy with its LoRA adapters switched off."""
+    if run.cached_reference is not None:
+        chosen, rejected = run.cached_reference.lookup(batch.sources, run.accelerator.device)
+        return PairScores(chosen, rejected, torch.zeros((), device=chosen.device))
     with torch.no_grad():
         if run.reference is not None:
             return run.reference(batch)
@@ -340,7 +354,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     """Set up and train; writes checkpoints and the final model under ``cfg.train.output_dir``."""
     try:
         run = setup(cfg, resume=resume)
-    except DataError as exc:
+    except (DataError, RefCacheError) as exc:
         raise TrainingError(str(exc)) from None
     try:
         result = train(run)

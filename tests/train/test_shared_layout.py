@@ -1,0 +1,102 @@
+"""The shared layout (prompt once per pair, packed, block mask) is exact: same log-probs, losses and gradients as
+the plain two-sequence layout, on text-only, single-image, multi-image and mixed batches (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpo.data.encode import PairEncoder
+from mpo.data.meta import read_meta
+from mpo.data.mixture import PreferenceMixture
+from mpo.losses import mpo_loss
+from mpo.models import load_model, load_processor
+from mpo.train.batch import collate_naive
+from mpo.train.data import EncodedPairs
+from mpo.train.forward import PairScorer
+from mpo.train.shared import collate_shared, pack_pairs
+
+
+@pytest.fixture(scope="module")
+def encoded(demo_data, demo_model):
+    processor = load_processor(demo_model)
+    mixture = PreferenceMixture(read_meta(demo_data / "meta.json"), max_dynamic_patch=4)
+    ds = EncodedPairs(mixture, PairEncoder(processor, max_length=512))
+    by_task = {}
+    for i in range(len(ds)):
+        pair = ds[i]
+        by_task.setdefault(pair.dataset, []).append(pair)
+    return by_task, processor.tokenizer.pad_token_id
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request, demo_model):
+    m = load_model(demo_model, attn_implementation=request.param)
+    m.eval()
+    return m, request.param
+
+
+def _scores_and_grads(model, batch):
+    model.zero_grad()
+    scores = PairScorer(model)(batch)
+    loss, _ = mpo_loss(scores.chosen_logps, scores.rejected_logps, scores.chosen_logps.detach() * 0.9,
+                       scores.rejected_logps.detach() * 1.1, scores.chosen_nll, delta=0.05)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return scores, loss.detach(), grads
+
+
+@pytest.mark.parametrize("mix", [("text_arith",), ("shape_colour",), ("pair_colour",),
+                                 ("text_arith", "shape_colour", "pair_colour")], ids=["text", "single", "multi", "mixed"])
+@pytest.mark.parametrize("pack_length", [None, 400], ids=["row_per_pair", "packed"])
+def test_shared_equals_naive(encoded, model, mix, pack_length):
+    by_task, pad_id = encoded
+    m, attn = model
+    pairs = [p for task in mix for p in by_task[task][:3]]
+    naive, nl, ng = _scores_and_grads(m, collate_naive(pairs, pad_id))
+    shared_batch = collate_shared(pairs, pad_id, pack_length=pack_length, attn_implementation=attn)
+    if pack_length:
+        assert shared_batch.input_ids.shape[0] < len(pairs)  # pairs really were packed together
+    shared, sl, sg = _scores_and_grads(m, shared_batch)
+    torch.testing.assert_close(shared.chosen_logps, naive.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.rejected_logps, naive.rejected_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.chosen_nll, naive.chosen_nll, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sl, nl, atol=1e-5, rtol=1e-5)
+    assert sg.keys() == ng.keys()
+    for name in ng:
+        torch.testing.assert_close(sg[name], ng[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_layout_tokens_and_positions(encoded):
+    by_task, pad_id = encoded
+    pairs = by_task["shape_colour"][:2]
+    batch = collate_shared(pairs, pad_id, pack_length=10_000)
+    assert batch.input_ids.shape[0] == 1  # both pairs in one row, no padding
+    n0 = len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) + len(pairs[0].rejected_ids)
+    assert batch.input_ids.shape[1] == n0 + sum(len(t) for t in (pairs[1].prompt_ids, pairs[1].chosen_ids,
+                                                                 pairs[1].rejected_ids))
+    p, c = len(pairs[0].prompt_ids), len(pairs[0].chosen_ids)
+    assert batch.position_ids[0, p + c].item() == p  # rejected restarts after the prompt
+    assert batch.position_ids[0, n0].item() == 0  # the next pair starts at 0
+    mask = batch.attention_mask[0, 0]
+    assert not mask[p + c, p:p + c].any()  # rejected never sees chosen
+    assert mask[p + c, :p].all()
+    assert not mask[n0, :n0].any()  # no attention across pairs
+    flat = batch.input_ids.reshape(-1)
+    # every predicted target follows its predicting position, except each answer's first token (after the prompt)
+    assert batch.target_ids.numel() == sum(len(x.chosen_ids) + len(x.rejected_ids) for x in pairs)
+    assert batch.model_inputs["pixel_values"].shape[0] == sum(x.image_inputs["pixel_values"].shape[0] for x in pairs)
+    assert flat[batch.predict_index[0] + 1] == batch.target_ids[0]
+
+
+def test_pack_pairs_first_fit_decreasing():
+    assert pack_pairs([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    assert pack_pairs([9, 1], 5) == [[0], [1]]  # too long for a row: a row of its own, never split
+    assert pack_pairs([1, 2], None) == [[0], [1]]
+
+
+def test_unsupported_attention_is_refused(encoded):
+    by_task, pad_id = encoded
+    with pytest.raises(ValueError, match="pair_layout=shared supports attn_implementation sdpa, eager, not "
+                                         "'flash_attention_2'"):
+        collate_shared(by_task["text_arith"][:1], pad_id, attn_implementation="flash_attention_2")
