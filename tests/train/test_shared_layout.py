@@ -100,3 +100,36 @@ def test_unsupported_attention_is_refused(encoded):
     with pytest.raises(ValueError, match="pair_layout=shared supports attn_implementation sdpa, eager, not "
                                          "'flash_attention_2'"):
         collate_shared(by_task["text_arith"][:1], pad_id, attn_implementation="flash_attention_2")
+
+
+@pytest.fixture(scope="module")
+def qwen_encoded(demo_data, tmp_path_factory):
+    from mpo.data.demo import demo_corpus
+    from mpo.models.tiny import build_tiny
+
+    path = build_tiny(tmp_path_factory.mktemp("qwen") / "q", "qwen2_5_vl", corpus=demo_corpus(demo_data))
+    processor = load_processor(path)
+    mixture = PreferenceMixture(read_meta(demo_data / "meta.json"))
+    ds = EncodedPairs(mixture, PairEncoder(processor, max_length=512))
+    by_task = {}
+    for i in range(len(ds)):
+        pair = ds[i]
+        by_task.setdefault(pair.dataset, []).append(pair)
+    model = load_model(path)
+    model.eval()
+    return by_task, processor.tokenizer.pad_token_id, model
+
+
+@pytest.mark.parametrize("mix", [("text_arith",), ("shape_colour",), ("pair_colour",),
+                                 ("text_arith", "shape_colour", "pair_colour")], ids=["text", "single", "multi", "mixed"])
+def test_shared_equals_naive_qwen2_5_vl_3d_positions(qwen_encoded, mix):
+    """Qwen2.5-VL's M-RoPE: the rejected restart must happen on all three rotary axes."""
+    by_task, pad_id, m = qwen_encoded
+    pairs = [p for task in mix for p in by_task[task][:2]]
+    naive, nl, ng = _scores_and_grads(m, collate_naive(pairs, pad_id))
+    shared, sl, sg = _scores_and_grads(m, collate_shared(pairs, pad_id, pack_length=600))
+    torch.testing.assert_close(shared.chosen_logps, naive.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.rejected_logps, naive.rejected_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sl, nl, atol=1e-5, rtol=1e-5)
+    for name in ng:
+        torch.testing.assert_close(sg[name], ng[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -50,6 +50,9 @@ class PairBatch:
     num_tokens: int
     sources: list[tuple[str, int]] = field(default_factory=list)
     pair_ids: list[int] = field(default_factory=list)
+    segments: list[tuple[int, ...]] = field(default_factory=list)
+    """shared layout only: (row, start, n_prompt, n_chosen, n_rejected, first_grid, end_grid) per pair, for models
+    whose positions depend on the images (Qwen-VL's 3D rotary positions); grid rows index ``image_grid_thw``."""
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -58,7 +61,7 @@ class PairBatch:
             position_ids=move(self.position_ids), model_inputs={k: move(v) for k, v in self.model_inputs.items()},
             predict_index=move(self.predict_index), target_ids=move(self.target_ids),
             segment_ids=move(self.segment_ids), num_pairs=self.num_pairs, num_tokens=self.num_tokens,
-            sources=self.sources, pair_ids=self.pair_ids)
+            sources=self.sources, pair_ids=self.pair_ids, segments=self.segments)
 
 
 def _concat_image_inputs(pairs: Sequence, order: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from mpo.losses import completion_logps, token_mean_nll
 from mpo.train.batch import PairBatch
+from mpo.train.shared import mrope_positions
 
 __all__ = ["PairScores", "PairScorer", "backbone_of"]
 
@@ -63,8 +64,10 @@ class PairScorer(nn.Module):
     def hidden_states(self, batch: PairBatch) -> torch.Tensor:
         """(R, L, H) last hidden states of the backbone."""
         kwargs = dict(batch.model_inputs)
-        if batch.position_ids is not None:
+        backbone = backbone_of(self.model)
+        if batch.segments and hasattr(backbone, "get_rope_index"):
+            kwargs["position_ids"] = mrope_positions(backbone, batch)
+        elif batch.position_ids is not None:
             kwargs["position_ids"] = batch.position_ids
-        out = backbone_of(self.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      use_cache=False, **kwargs)
+        out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state

@@ -40,7 +40,7 @@ from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder
-from mpo.train.forward import PairScorer, PairScores, backbone_of
+from mpo.train.forward import PairScorer, PairScores
 from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
@@ -155,7 +155,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta)
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
     order.start = position
-    collator = Collator(_pad_id(processor), _layout(cfg, model), pack_length=tc.pack_length or None,
+    collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
                         attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype)
     loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
@@ -228,15 +228,6 @@ def _mean_over_ranks(accelerator: Accelerator):
         return float(accelerator.reduce(t, reduction="mean").item())
 
     return reduce
-
-
-def _layout(cfg: RunConfig, model) -> str:
-    """The shared layout needs 1D positions; Qwen-VL's 3D M-RoPE positions are not built for it yet."""
-    if cfg.train.pair_layout == "shared" and hasattr(backbone_of(model), "get_rope_index"):
-        log.warning("train.pair_layout=shared is not available for %s (3D rotary positions); using naive",
-                    type(model).__name__)
-        return "naive"
-    return cfg.train.pair_layout
 
 
 def _pad_id(processor) -> int:

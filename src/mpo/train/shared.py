@@ -28,7 +28,7 @@ import torch
 
 from mpo.train.batch import TOKEN_ALIGNED_KEYS, PairBatch, _concat_image_inputs
 
-__all__ = ["collate_shared", "pack_pairs", "SUPPORTED_ATTENTION"]
+__all__ = ["collate_shared", "pack_pairs", "mrope_positions", "SUPPORTED_ATTENTION"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -69,7 +69,8 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     allowed = torch.zeros((n_rows, width, width), dtype=torch.bool)
     token_aligned: dict[str, torch.Tensor] = {}
-    predict, targets, segments, order = [], [], [], []
+    predict, targets, segments, order, layout = [], [], [], [], []
+    grid_at = 0
     for r, row in enumerate(rows):
         start = 0
         for i in row:
@@ -93,6 +94,9 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
                     buf = token_aligned.setdefault(key, torch.zeros((n_rows, width), dtype=src.dtype))
                     buf[r, start:start + n_p] = src.reshape(-1)
             order.append(i)
+            n_grid = len(p.image_inputs.get("image_grid_thw", ()))
+            layout.append((r, start, n_p, n_c, n_r, grid_at, grid_at + n_grid))
+            grid_at += n_grid
             start = end
         pad = torch.arange(start, width)
         allowed[r, pad, pad] = True  # padding attends to itself only: no fully masked (NaN) row
@@ -104,4 +108,29 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
     return PairBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, model_inputs=model_inputs,
         predict_index=torch.cat(predict), target_ids=torch.cat(targets), segment_ids=torch.cat(segments),
-        num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs])
+        num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs], segments=layout)
+
+
+def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
+    """(3, R, L) rotary positions for Qwen-VL models in the shared layout.
+
+    Qwen-VL gives image tokens 3D (time, height, width) positions and text tokens equal positions on all three
+    axes. Each pair's ``prompt + chosen`` gets the model's own ``get_rope_index``; the rejected answer restarts,
+    on all three axes, at the first chosen position — the restart the 1D layout does, done on every axis.
+    """
+    ids, mm = batch.input_ids, batch.model_inputs.get("mm_token_type_ids")
+    grid = batch.model_inputs.get("image_grid_thw")
+    pos = torch.zeros((3, *ids.shape), dtype=torch.long, device=ids.device)
+    for r, start, n_p, n_c, n_r, g0, g1 in batch.segments:
+        head = slice(start, start + n_p + n_c)
+        if g1 > g0:
+            seg_ids = ids[r, head].unsqueeze(0)
+            p3, _ = backbone.get_rope_index(seg_ids, mm[r, head].unsqueeze(0), image_grid_thw=grid[g0:g1],
+                                            attention_mask=torch.ones_like(seg_ids))
+            pos[:, r, head] = p3[:, 0]
+        else:
+            pos[:, r, head] = torch.arange(n_p + n_c, device=ids.device)
+        first_answer = pos[:, r, start + n_p]
+        tail = torch.arange(n_r, device=ids.device)
+        pos[:, r, start + n_p + n_c:start + n_p + n_c + n_r] = first_answer[:, None] + tail
+    return pos
