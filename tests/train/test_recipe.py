@@ -158,3 +158,22 @@ def test_required_meta(demo_model, tmp_path):
     cfg = run_config(demo_model, "", tmp_path / "run")
     with pytest.raises(ConfigError, match="data.meta_path: required"):
         run_train(cfg)
+
+
+def test_frozen_vision_is_computed_once_for_policy_and_reference(demo_model, demo_data, tmp_path):
+    """With vision tower and projector frozen, policy and reference share one vision pass per pair: same run."""
+    frozen = ("model.freeze_backbone=true", "model.freeze_mlp=true")
+    run_a = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "a", *frozen))
+    assert run_a.share_vision
+    calls = []
+    vision = run_a.scorer.model.model.vision_tower
+    vision.register_forward_hook(lambda *a: calls.append(1))
+    train(run_a)
+    run_b = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "b", *frozen))
+    run_b.share_vision = False
+    train(run_b)
+    steps_with_images = 3  # every demo micro-batch of 4 pairs here holds images
+    assert 1 <= len(calls) <= steps_with_images  # one pass per micro-batch, not two
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-6)

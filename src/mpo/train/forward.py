@@ -50,8 +50,8 @@ class PairScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, batch: PairBatch) -> PairScores:  # noqa: D401
-        hidden = self.hidden_states(batch)
+    def forward(self, batch: PairBatch, image_features=None) -> PairScores:  # noqa: D401
+        hidden = self.hidden_states(batch, image_features)
         head = self.model.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_index)
         sums, _, token_logps = completion_logps(
@@ -61,10 +61,18 @@ class PairScorer(nn.Module):
         nll = token_mean_nll(token_logps, batch.segment_ids, chosen_segments)
         return PairScores(chosen_logps=sums[0::2], rejected_logps=sums[1::2], chosen_nll=nll)
 
-    def hidden_states(self, batch: PairBatch) -> torch.Tensor:
-        """(R, L, H) last hidden states of the backbone."""
+    def image_features(self, batch: PairBatch):
+        """The backbone's image features of the batch (vision tower + projector), for reuse by another model."""
+        kwargs = {k: batch.model_inputs[k] for k in ("pixel_values", "image_grid_thw") if k in batch.model_inputs}
+        return backbone_of(self.model).get_image_features(**kwargs)
+
+    def hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
+        """(R, L, H) last hidden states of the backbone; ``image_features`` replaces the vision pass if given."""
         kwargs = dict(batch.model_inputs)
         backbone = backbone_of(self.model)
+        if image_features is not None:
+            kwargs.pop("pixel_values", None)
+            kwargs["mm_encoder_outputs"] = {"image": image_features}
         if batch.segments and hasattr(backbone, "get_rope_index"):
             kwargs["position_ids"] = mrope_positions(backbone, batch)
         elif batch.position_ids is not None:

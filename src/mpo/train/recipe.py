@@ -40,7 +40,7 @@ from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder
-from mpo.train.forward import PairScorer, PairScores
+from mpo.train.forward import PairScorer, PairScores, backbone_of
 from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
@@ -91,6 +91,7 @@ class Run:
     metrics: MetricsLogger
     start_step: int = 0
     config_text: str = ""
+    share_vision: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,8 +161,12 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
+    # A frozen, deterministic vision tower + projector gives the policy and the reference copy identical image
+    # features: compute them once per pair for both (one vision pass per pair instead of TRL's four).
+    share_vision = (reference is not None and cfg.model.freeze_backbone and cfg.model.freeze_mlp
+                    and cfg.model.drop_path_rate == 0 and hasattr(backbone_of(model), "get_image_features"))
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
-               rejects, metrics, start_step, config_text)
+               rejects, metrics, start_step, config_text, share_vision)
 
 
 def _accelerator(cfg: RunConfig) -> Accelerator:
@@ -240,14 +245,14 @@ def _pad_id(processor) -> int:
 # train
 
 
-def reference_scores(run: Run, batch) -> PairScores:
+def reference_scores(run: Run, batch, image_features=None) -> PairScores:
     """Reference log-probs: the cache, the frozen copy, or the policy with its LoRA adapters switched off."""
     if run.cached_reference is not None:
         chosen, rejected = run.cached_reference.lookup(batch.sources, run.accelerator.device)
         return PairScores(chosen, rejected, torch.zeros((), device=chosen.device))
     with torch.no_grad():
         if run.reference is not None:
-            return run.reference(batch)
+            return run.reference(batch, image_features)
         policy = run.accelerator.unwrap_model(run.scorer)
         with policy.model.disable_adapter():
             return policy(batch)
@@ -272,8 +277,12 @@ def train(run: Run) -> TrainResult:
             batch = batch.to(acc.device)
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.scorer)
             with sync:
-                policy = run.scorer(batch)
-                ref = reference_scores(run, batch)
+                feats = None
+                if run.share_vision and "pixel_values" in batch.model_inputs:
+                    with torch.no_grad():
+                        feats = acc.unwrap_model(run.scorer).image_features(batch)
+                policy = run.scorer(batch, feats)
+                ref = reference_scores(run, batch, feats)
                 beta = cfg.loss.beta
                 chosen_r = beta * (policy.chosen_logps - ref.chosen_logps).detach()
                 rejected_r = beta * (policy.rejected_logps - ref.rejected_logps).detach()
