@@ -2,7 +2,9 @@
 
 Order. The data order of epoch ``e`` is ``randperm(len(mixture), seed + e)``, identical on every rank. Optimizer
 step ``s`` of an epoch consumes the global slice ``[s·G, (s+1)·G)`` of that order (G = per-device batch ×
-accumulation × world size); rank ``r`` takes its micro-batches from that slice with stride ``world``. The position
+accumulation × world size); the slice is cut into ``accumulation × world`` micro-batches of ``per_device`` pairs, and
+rank ``r`` takes micro-batches ``m·world + r`` for m < accumulation. One process with ``accumulation × world``
+micro-batches per step therefore sees exactly the same micro-batches as ``world`` processes do. The position
 in the data is therefore just ``(epoch, step)``: a resumed run jumps there in O(1) instead of replaying a
 loader for hours (InternVL #1224). A trailing partial global batch of an epoch is dropped, as HF's
 ``dataloader_drop_last`` would, so that every optimizer step sees the same number of pairs.
@@ -88,10 +90,9 @@ class ResumableOrder(Sampler[list[int]]):
         order = self.order(epoch)
         for step in range(first_step, self.steps_per_epoch):
             chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
-            # micro-batch m of rank r: the m-th group of `per_device` among this rank's strided share
-            mine = chunk[self.rank::self.world_size]
             for m in range(self.accumulation):
-                yield mine[m * self.per_device:(m + 1) * self.per_device].tolist()
+                k = m * self.world_size + self.rank
+                yield chunk[k * self.per_device:(k + 1) * self.per_device].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.start.epoch

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
 from mpo.data.encode import PairEncoder
@@ -26,6 +25,7 @@ from mpo.models import load_model, load_processor
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, EncodedPairs
 from mpo.train.forward import PairScorer
+from mpo.train.recipe import make_accelerator
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
 
 __all__ = ["run_precompute", "cache_dir_of"]
@@ -40,7 +40,7 @@ def cache_dir_of(cfg: RunConfig) -> Path:
 def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True) -> Path:
     """Fill the reference cache for ``cfg``'s data; returns the cache folder."""
     cfg.require_paths()
-    acc = Accelerator()
+    acc = make_accelerator()
     out = cache_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)

@@ -169,9 +169,14 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                rejects, metrics, start_step, config_text, share_vision)
 
 
+def make_accelerator() -> Accelerator:
+    """Accelerate picks NCCL on GPUs; without a GPU it must be told, or ranks under torchrun run alone (gloo)."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def _accelerator(cfg: RunConfig) -> Accelerator:
     if not cfg.train.deepspeed:
-        return Accelerator()
+        return make_accelerator()
     try:
         import deepspeed  # noqa: F401
         from accelerate.utils import DeepSpeedPlugin
@@ -308,11 +313,17 @@ def train(run: Run) -> TrainResult:
         run.optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
+        log_now = step % tc.logging_steps == 0 or step == run.total_steps
+        if log_now and acc.num_processes > 1:  # metrics of all ranks' pairs, not rank 0's alone
+            keys = sorted(sums)
+            totals = acc.reduce(torch.tensor([sums[k] for k in keys] + [n_pairs, n_tokens], dtype=torch.float64,
+                                             device=acc.device), reduction="sum").tolist()
+            sums, n_pairs, n_tokens = dict(zip(keys, totals[:-2])), int(totals[-2]), int(totals[-1])
         last = {k: v / max(n_pairs, 1) for k, v in sums.items()}
         last.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                      "lr": run.scheduler.get_last_lr()[0], "pairs_per_s": n_pairs / dt, "tokens_per_s": n_tokens / dt,
                      "skipped_rows": run.rejects.total, "delta": run.delta.value, "epoch": _epoch(run, step)})
-        if step % tc.logging_steps == 0 or step == run.total_steps:
+        if log_now:
             run.metrics.log(step, last)
         if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
             save(run, step)
