@@ -40,11 +40,12 @@ def _image_accuracy(report) -> float:
     return wins / sum(report.datasets[t]["pairs"] for t in IMAGE_TASKS)
 
 
-def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, seed: int = 0) -> dict:
+def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, n_heldout: int = 200,
+             seed: int = 0) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data"
-    write_demo(data, n=n_pairs, seed=seed)
+    write_demo(data, n=n_pairs, n_heldout=n_heldout, seed=seed)
     model_dir = build_tiny(out / "tiny-internvl", "internvl", corpus=demo_corpus(data), seed=seed)
     heldout = str(data / "meta_heldout.json")
     eval_kw = dict(max_length=512, max_dynamic_patch=1, batch_size=64)
@@ -57,7 +58,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, 
         raise FileNotFoundError(f"{DEMO_CONFIG} is missing: run the demo from a checkout of mpo (make demo)")
     result = run_train(load_config(RunConfig, DEMO_CONFIG, overrides))
     after = run_eval(str(out / "run"), heldout, **eval_kw)
-    blank = run_eval(str(out / "run"), heldout, blank_images=True, **eval_kw)
+    blank = run_eval(str(out / "run"), heldout, blank_images=True, reference="", **eval_kw)  # log-prob only
 
     summary = {
         "heldout_accuracy_before": _image_accuracy(before),

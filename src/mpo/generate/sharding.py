@@ -1,0 +1,507 @@
+"""Sharded, resumable generation: part files per rank, no collective calls, an atomic merge at the end.
+
+Layout, for a final output ``<dir>/<name>`` (``name`` = the prompt file's basename)::
+
+    <dir>/<name>                                      merged output, written atomically once complete
+    <dir>/parts/<name>.rank<R>-of-<W>.jsonl           what rank R of W appended (one JSON line per sample)
+    <dir>/parts/<name>.settings.json                  the sampling settings the output was started with
+    <dir>/reports/<stem>.rejected_prompts.jsonl       bad prompt rows (FILE:LINE: FIELD: message)
+    <dir>/reports/<stem>.summary.json                 counts: items, samples, dropped, finish reasons
+
+(Reports sit in a subfolder: several prompt files share one output folder, and postprocess reads its ``*.jsonl``.)
+Every rank, independently (no collective calls):
+
+1. reads *all* part files of the output, whatever world size wrote them: a sample ``(item_id, sample_idx)`` found
+   anywhere is done; a torn last line (a kill during a write) is ignored, and cut off the rank's own file;
+2. generates only the missing samples of its contiguous shard of the items, appending whole lines to its own
+   part file with flush + fsync per batch: a kill loses at most the batch in flight and duplicates nothing;
+3. re-reads all part files when done and, if every item is complete, writes the merged output (temp + rename).
+   Each rank flushes before it looks, so the last rank to finish always sees everything; two finishing together
+   write the same bytes. A rerun with everything done only merges. (On a filesystem without close-to-open
+   consistency a rank may miss a peer's last lines: a rerun merges.)
+
+Part lines are the final records, plus two kinds of markers that tell a restart not to redo work:
+``{"_mpo": "dropped", "item_id", "sample_idx", "reason", ...}`` (a sample the generator threw away, e.g. a
+DropoutNTP continuation that reproduces the chosen answer) and ``{"_mpo": "item_error", "item_id", "error"}``
+(an image that exists but cannot be decoded). Markers never reach the merged output.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from mpo.config import field as field_
+from mpo.data.errors import RowError
+from mpo.fsio import atomic_write_json, atomic_write_jsonl
+from mpo.generate.items import PromptFile, PromptItem, sample_seed
+from mpo.generate.samplers import Sample, Sampler, SampleRequest, SamplingParams, build_sampler
+
+__all__ = [
+    "GenerateConfig",
+    "GenerationJob",
+    "local_device",
+    "OutputLayout",
+    "PartFileError",
+    "PartState",
+    "PartWriter",
+    "ResumeError",
+    "RunResult",
+    "rank_and_world",
+    "run_job",
+    "scan_parts",
+    "shard_range",
+]
+
+log = logging.getLogger("mpo.generate")
+MARKER = "_mpo"
+
+
+class PartFileError(ValueError):
+    """A part file is damaged in the middle (not just a torn last line); the message names file and line."""
+
+
+class ResumeError(ValueError):
+    """The output was started with other sampling settings; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where the merged output, the part files and the reports of one prompt file go."""
+
+    final: Path
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.final.parent / "parts"
+
+    def part(self, rank: int, world: int) -> Path:
+        return self.parts_dir / f"{self.final.name}.rank{rank}-of-{world}.jsonl"
+
+    def part_files(self) -> list[Path]:
+        """Every part file of this output, whatever world size wrote it, in a fixed (sorted) order."""
+        return sorted(self.parts_dir.glob(f"{glob.escape(self.final.name)}.rank*-of-*.jsonl"))
+
+    @property
+    def settings(self) -> Path:
+        return self.parts_dir / f"{self.final.name}.settings.json"
+
+    @property
+    def rejected_prompts(self) -> Path:
+        return self.final.parent / "reports" / f"{Path(self.final.name).stem}.rejected_prompts.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.final.parent / "reports" / f"{Path(self.final.name).stem}.summary.json"
+
+
+def rank_and_world(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun (``RANK``/``WORLD_SIZE``), else SLURM (``SLURM_PROCID``/``SLURM_NTASKS``),
+    else ``(0, 1)``. With ``--tp > 1`` start one process per engine (per TP group), not one per GPU."""
+    env = os.environ if env is None else env
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in env:
+            try:
+                rank, world = int(env[rank_var]), int(env.get(world_var, ""))
+            except ValueError:
+                raise ValueError(f"{rank_var}={env.get(rank_var)!r}, {world_var}={env.get(world_var)!r}: "
+                                 "both must be integers") from None
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_var}={rank} is not in [0, {world_var}={world})")
+            return rank, world
+    return 0, 1
+
+
+def local_device(backend: str, requested: str, tp: int, cuda_count: int,
+                 env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """``(device, CUDA_VISIBLE_DEVICES to set or None)`` for this process.
+
+    The local rank comes from ``LOCAL_RANK`` (torchrun) or ``SLURM_LOCALID``. ``hf``: ``--device auto`` is
+    ``cuda:<local rank mod GPUs>`` (``cuda`` without a local rank; ``cpu`` without GPUs). ``vllm``: one engine spans
+    ``tp`` GPUs, so local rank r gets GPUs ``r*tp .. r*tp+tp-1`` unless ``CUDA_VISIBLE_DEVICES`` is already set
+    (as ``srun --gpus-per-task`` does). Example: vllm, tp 2, LOCAL_RANK 1 -> ``"2,3"``.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    local = int(raw) if raw is not None and raw.isdigit() else None
+    if backend == "vllm":
+        if local is None or "CUDA_VISIBLE_DEVICES" in env:
+            return requested, None
+        return requested, ",".join(str(local * tp + k) for k in range(tp))
+    if requested != "auto":
+        return requested, None
+    if cuda_count == 0:
+        return "cpu", None
+    return (f"cuda:{local % cuda_count}" if local is not None else "cuda"), None
+
+
+def shard_range(n_items: int, rank: int, world: int) -> range:
+    """Contiguous shard of rank ``rank``: sizes differ by at most one (10 items, 4 ranks -> 3, 3, 2, 2)."""
+    base, extra = divmod(n_items, world)
+    begin = rank * base + min(rank, extra)
+    return range(begin, begin + base + (1 if rank < extra else 0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part files
+
+
+@dataclass
+class PartState:
+    """What the part files of an output hold. ``samples`` maps (item_id, sample_idx) to (file, byte offset)."""
+
+    files: list[Path] = field(default_factory=list)
+    samples: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    dropped: dict[tuple[str, int], str] = field(default_factory=dict)
+    item_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    torn: int = 0
+    duplicates: int = 0
+
+    def has(self, item: str, idx: int) -> bool:
+        return (item, idx) in self.samples or (item, idx) in self.dropped
+
+    def missing(self, item: str, n: int) -> list[int]:
+        """Sample indices of ``item`` still to generate (none once the item has an image error)."""
+        if item in self.item_errors:
+            return []
+        return [i for i in range(n) if not self.has(item, i)]
+
+
+def scan_parts(layout: OutputLayout, repair: Path | None = None) -> PartState:
+    """Index every part file of ``layout``. ``repair``: this rank's own file, whose torn tail is cut off."""
+    state = PartState(files=layout.part_files())
+    for f, path in enumerate(state.files):
+        for offset, rec in _read_part(path, repair=(repair is not None and path == repair), state=state):
+            key = (rec.get("item_id"), rec.get("sample_idx"))
+            kind = rec.get(MARKER)
+            if kind == "item_error":
+                state.item_errors.setdefault(rec["item_id"], rec["error"])
+            elif state.has(*key):
+                state.duplicates += 1  # only possible if two runs wrote the same output at once
+            elif kind == "dropped":
+                state.dropped[key] = rec["reason"]
+            else:
+                state.samples[key] = (f, offset)
+    return state
+
+
+def _read_part(path: Path, *, repair: bool, state: PartState) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, "rb") as fh:
+        offset = 0
+        for line_no, raw in enumerate(fh, start=1):
+            rec = _parse_line(raw)
+            if rec is None:
+                if fh.read(1):
+                    raise PartFileError(f"{path}:{line_no}: not a JSON object, and not the last line: the part "
+                                        "file was damaged by something other than a kill; move it away to "
+                                        "regenerate its samples")
+                state.torn += 1
+                if repair:  # cut the torn tail so that the next append starts on a fresh line
+                    with open(path, "r+b") as out:
+                        out.truncate(offset)
+                        os.fsync(out.fileno())
+                    log.warning("%s:%d: removed a torn last line (%d bytes) left by an interrupted run",
+                                path, line_no, len(raw))
+                return
+            yield offset, rec
+            offset += len(raw)
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """The record of one whole line, or None for a line cut short (no newline) or not a JSON object."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+class PartWriter:
+    """Appends whole JSON lines to one part file; ``append`` flushes and fsyncs, so a batch is on disk after it."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if text:
+            self._fh.write(text)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class GenerateConfig:
+    """Flags shared by ``mpo generate correctness`` and ``mpo generate dropout-ntp`` (seed names and defaults)."""
+
+    checkpoint: str = field_(default="", help="model folder or Hub id (offline: a local folder)")
+    prompt_path: str = field_(default="", help="prompt JSONL")
+    out_dir: str = field_(default="sampled_outputs", help="output root")
+    backend: Literal["hf", "vllm"] = field_(default="hf", help="sampling backend")
+    dtype: str = field_(default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    device: str = field_(default="auto", help="hf backend: auto (cuda if present), cpu, cuda, cuda:1, ...")
+    tp: int = field_(default=1, ge=1, help="tensor parallel size (vllm)")
+    batch_size: int = field_(default=1, ge=1, help="prompts per sampler call")
+    num_workers: int = field_(default=8, ge=0, help="threads decoding the next batch's images")
+    num_return_sequences: int = field_(default=32, ge=1, help="samples per prompt")
+    top_k: int = field_(default=50, ge=0, help="0 keeps every token")
+    top_p: float = field_(default=1.0, gt=0, le=1)
+    temperature: float = field_(default=0.7, gt=0)
+    max_new_tokens: int = field_(default=4096, ge=1)
+    dynamic: bool = field_(default=False, help="tile images (InternVL): up to max_num tiles plus a thumbnail")
+    max_num: int = field_(default=6, ge=1, help="tile cap per prompt (divided among its images)")
+    sample_max_num: int | None = field_(default=None, ge=1, help="cap the prompts (strided subsample)")
+    seed: int = field_(default=0, ge=0, help="run seed; each sample's seed derives from it")
+    image_root: str | None = field_(default=None, help="where relative image paths start (default: prompt folder)")
+    allow_outside_root: bool = field_(default=False, help="accept absolute image paths and paths outside the root")
+    trust_remote_code: bool = field_(default=False, help="run code shipped with the checkpoint")
+    progress: bool = field_(default=True, help="show a progress bar")
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed output must share with the run that started it."""
+        ckpt = Path(self.checkpoint)
+        return {"checkpoint": str(ckpt.resolve()) if ckpt.exists() else self.checkpoint, "backend": self.backend,
+                "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "dynamic": self.dynamic,
+                "max_num": self.max_num}
+
+    def sampler_factory(self, prompts: PromptFile) -> Callable[[], Sampler]:
+        """Builds the sampler only when there is work, so a rerun that only merges loads no model."""
+        max_images = max((len(item.images) for item in prompts.items), default=1)
+
+        def build() -> Sampler:
+            import torch
+
+            # vLLM reads CUDA_VISIBLE_DEVICES when it starts CUDA, so no CUDA call may come before it.
+            cuda_count = torch.cuda.device_count() if self.backend == "hf" and self.device == "auto" else 0
+            device, visible = local_device(self.backend, self.device, self.tp, cuda_count)
+            if visible is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
+            dtype = self.dtype
+            if dtype == "auto" and self.backend == "hf":
+                dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            return build_sampler(self.backend, self.checkpoint, dtype=dtype, device=device, tp=self.tp,
+                                 dynamic=self.dynamic, max_num=self.max_num, max_images_per_prompt=max_images,
+                                 trust_remote_code=self.trust_remote_code)
+
+        return build
+
+    def check_paths(self) -> None:
+        """Fail early, naming the flag, before any model is loaded."""
+        if not self.checkpoint:
+            raise ValueError("--checkpoint is required")
+        if not self.prompt_path:
+            raise ValueError("--prompt-path is required")
+        if not Path(self.prompt_path).is_file():
+            raise ValueError(f"--prompt-path {self.prompt_path}: no such file")
+
+
+
+@dataclass
+class GenerationJob:
+    """One generator (correctness or DropoutNTP) applied to one prompt file; see ``run_job``.
+
+    ``make_request(item, images, seeds)`` builds the sampler request of an item's missing samples;
+    ``make_line(item, sample_idx, seed, sample)`` turns one sample into a part line (a record, or a
+    ``{"_mpo": "dropped", ...}`` marker). ``settings``: what must not change when an output is resumed.
+    """
+
+    name: str
+    prompts: PromptFile
+    n: int
+    layout: OutputLayout
+    params: SamplingParams
+    seed: int
+    settings: dict[str, Any]
+    make_request: Callable[[PromptItem, list[Image.Image], tuple[int, ...]], SampleRequest]
+    make_line: Callable[[PromptItem, int, int, Sample], dict[str, Any]]
+    load_images: Callable[[PromptItem], list[Image.Image]]
+
+
+@dataclass
+class RunResult:
+    """What one process did. ``output`` is the merged file if this process wrote (or found) it complete."""
+
+    rank: int
+    world: int
+    output: Path | None
+    generated: int
+    seconds: float
+    summary: dict[str, Any] | None
+
+
+def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_size: int = 8,
+            num_workers: int = 2, progress: bool = True, env: Mapping[str, str] | None = None) -> RunResult:
+    """Generate this rank's missing samples, then merge if the whole output is complete (module docstring)."""
+    start = time.perf_counter()
+    rank, world = rank_and_world(env)
+    _check_settings(job.layout, job.settings)
+    if rank == 0 and job.prompts.rejected:  # reported at once; the merge rewrites it with decode failures added
+        for err in job.prompts.rejected:
+            log.warning("skipped prompt row %s", err)
+        atomic_write_jsonl(job.layout.rejected_prompts, [e.to_dict() for e in job.prompts.rejected])
+    own = job.layout.part(rank, world)
+    state = scan_parts(job.layout, repair=own if own.exists() else None)
+    mine = [job.prompts.items[i] for i in shard_range(len(job.prompts.items), rank, world)]
+    todo = [(item, state.missing(item.item_id, job.n)) for item in mine]
+    todo = [(item, missing) for item, missing in todo if missing]
+    generated = 0
+    if todo:
+        sampler = make_sampler()
+        bar = _progress(job.name, rank, world, len(mine), len(mine) - len(todo), progress)
+        with PartWriter(own) as writer:
+            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+            for batch, loaded in _with_images(batches, job.load_images, num_workers):
+                lines = _run_batch(job, sampler, batch, loaded)
+                writer.append(lines)
+                generated += sum(1 for line in lines if MARKER not in line)
+                bar.update(len(batch))
+        bar.close()
+    state = scan_parts(job.layout)
+    summary = None
+    if all(not state.missing(item.item_id, job.n) for item in job.prompts.items):
+        summary = _merge(job, state)
+    else:
+        log.info("rank %d/%d done; the output is merged by the last rank to finish (or by a rerun)", rank, world)
+    return RunResult(rank, world, job.layout.final if summary else None, generated,
+                     time.perf_counter() - start, summary)
+
+
+def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptItem, list[int]]],
+               loaded: list[list[Image.Image] | RowError]) -> list[dict[str, Any]]:
+    """Sample one batch; items are grouped by how many samples they miss (one sampler call per group)."""
+    lines: list[dict[str, Any]] = []
+    groups: dict[int, list[tuple[PromptItem, list[int], list[Image.Image]]]] = {}
+    for (item, missing), images in zip(batch, loaded, strict=True):
+        if isinstance(images, RowError):
+            log.warning("skipped prompt row %s", images)
+            lines.append({MARKER: "item_error", "item_id": item.item_id, "error": images.to_dict()})
+            continue
+        groups.setdefault(len(missing), []).append((item, missing, images))
+    for k, group in groups.items():
+        seeds = [[sample_seed(job.seed, item.item_id, i) for i in missing] for item, missing, _ in group]
+        requests = [job.make_request(item, images, tuple(s))
+                    for (item, _, images), s in zip(group, seeds, strict=True)]
+        outputs = sampler.sample(requests, k, job.params)
+        for (item, missing, _), item_seeds, samples in zip(group, seeds, outputs, strict=True):
+            lines += [job.make_line(item, i, s, smp)
+                      for i, s, smp in zip(missing, item_seeds, samples, strict=True)]
+    return lines
+
+
+def _with_images(batches: Sequence[list[tuple[PromptItem, list[int]]]], load: Callable[[PromptItem], Any],
+                 workers: int) -> Iterator[tuple[list[tuple[PromptItem, list[int]]], list[Any]]]:
+    """Yield each batch with its decoded images (or the ``RowError``); decoding of the next batch overlaps
+    generation of the current one when ``workers > 0``."""
+
+    def safe(item: PromptItem) -> Any:
+        try:
+            return load(item)
+        except RowError as err:
+            return err
+
+    if workers <= 0:
+        for batch in batches:
+            yield batch, [safe(item) for item, _ in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, [pool.submit(safe, item) for item, _ in batch]))
+            if len(pending) > 1:
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+
+
+def _progress(name: str, rank: int, world: int, total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="item", desc=f"{name} rank {rank}/{world}",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _check_settings(layout: OutputLayout, settings: dict[str, Any]) -> None:
+    path = layout.settings
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in sorted(set(old) | set(settings)):
+            if old.get(key) != settings.get(key):
+                raise ResumeError(f"{path}: {key}: this output was started with {old.get(key)!r}, now "
+                                  f"{settings.get(key)!r}; rerun with the same settings or use another --out-dir")
+        return
+    atomic_write_json(path, settings)
+
+
+def _merge(job: GenerationJob, state: PartState) -> dict[str, Any]:
+    """Write the merged output (prompt-file order, then sample index), the rejected prompts and the summary."""
+    handles = [open(p, "rb") for p in state.files]
+    finish: Counter[str] = Counter()
+    wanted = {item.item_id for item in job.prompts.items}
+
+    def records() -> Iterator[dict[str, Any]]:
+        for item in job.prompts.items:
+            if item.item_id in state.item_errors:  # its image broke after some samples were made: drop them all
+                continue
+            for idx in range(job.n):
+                where = state.samples.get((item.item_id, idx))
+                if where is None:
+                    continue
+                fh = handles[where[0]]
+                fh.seek(where[1])
+                rec = json.loads(fh.readline())
+                finish[str(rec.get("finish_reason"))] += 1
+                yield rec
+
+    try:
+        written = atomic_write_jsonl(job.layout.final, records())
+    finally:
+        for fh in handles:
+            fh.close()
+    errors = [e for i, e in state.item_errors.items() if i in wanted]
+    atomic_write_jsonl(job.layout.rejected_prompts, [e.to_dict() for e in job.prompts.rejected] + errors)
+    dropped = Counter(r for (i, _), r in state.dropped.items() if i in wanted)
+    summary = {
+        "generator": job.name, "prompt_file": str(job.prompts.path), "output": str(job.layout.final),
+        "items": len(job.prompts.items) - len(errors), "samples_per_item": job.n, "samples": written,
+        "rejected_prompts": len(job.prompts.rejected) + len(errors), "dropped": dict(sorted(dropped.items())),
+        "finish_reason": dict(sorted(finish.items())), "torn_lines_ignored": state.torn,
+        "duplicates_ignored": state.duplicates,
+        "stale_samples": sum(1 for i, _ in state.samples if i not in wanted),
+    }
+    atomic_write_json(job.layout.summary, summary)
+    log.info("merged %d samples of %d items into %s", written, summary["items"], job.layout.final)
+    return summary

@@ -1,0 +1,122 @@
+"""Prompt-file reading: item ids, seeds, subsampling, and bad rows reported with FILE:LINE: FIELD."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from gen_fakes import write_jsonl
+from PIL import Image
+
+from mpo.data.errors import ImageError
+from mpo.generate.items import (
+    item_id,
+    load_item_images,
+    model_name,
+    read_prompts,
+    sample_seed,
+    subsample_lines,
+)
+
+
+def test_item_id_is_sha1_of_sorted_images_and_question():
+    """sha1('[["a.png", "b.png"], "Q?"]'): image order does not matter, chosen joins the key when given."""
+    expected = hashlib.sha1(b'[["a.png", "b.png"], "Q?"]').hexdigest()
+    assert expected == "013d3e694e35ff657e21b86ca42ecf4c1e9935a4"
+    assert item_id(["b.png", "a.png"], "Q?") == item_id(["a.png", "b.png"], "Q?") == expected
+    assert item_id([], "Q?", "A.") == hashlib.sha1(b'[[], "Q?", "A."]').hexdigest()
+    assert item_id([], "Q?", "A.") != item_id([], "Q?", "B.")
+
+
+def test_sample_seed_is_pinned_and_differs_per_index_and_run_seed():
+    """First 63 bits of sha256('0:abc:0')."""
+    digest = hashlib.sha256(b"0:abc:0").digest()
+    assert sample_seed(0, "abc", 0) == int.from_bytes(digest[:8], "big") >> 1 == 3541810044847611144
+    assert sample_seed(0, "abc", 1) == 3373458684596430594
+    assert sample_seed(1, "abc", 0) == 534571175964126676
+
+
+@pytest.mark.parametrize("checkpoint, name", [
+    ("OpenGVLab/InternVL3-8B", "OpenGVLab_InternVL3-8B"),
+    ("/ckpt/run1/final/", "run1_final"),
+    ("model", "model"),
+])
+def test_model_name_is_last_two_components(checkpoint, name):
+    assert model_name(checkpoint) == name
+
+
+def test_subsample_is_the_seed_stride_rule():
+    assert subsample_lines(10, 3) == [0, 3, 6]        # stride 10 // 3 = 3
+    assert subsample_lines(10, 4) == [0, 2, 4, 6]     # stride 2, first 4
+    assert subsample_lines(5, 8) == [0, 1, 2, 3, 4]   # at most the cap: all lines
+    assert subsample_lines(5, None) == [0, 1, 2, 3, 4]
+    assert len(subsample_lines(14000, 7000)) == 7000
+
+
+def _prepare(row, n_images):
+    if "bad" in row["question"]:
+        raise ValueError("is bad on purpose")
+    return row["question"]
+
+
+def test_bad_rows_are_reported_with_file_line_and_field(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [
+        {"image": "red.png", "question": "ok", "answer": "red", "meta": {"k": 1}},  # 1 good
+        "{not json",                                                               # 2
+        {"question": "no answer"},                                                 # 3
+        {"question": "", "answer": "x"},                                           # 4
+        {"image": "gone.png", "question": "q", "answer": "a"},                     # 5
+        {"image": ["red.png", 3], "question": "q", "answer": "a"},                 # 6
+        {"question": "bad row", "answer": "a"},                                    # 7
+        "",                                                                        # 8 blank: not a row
+        {"image": "red.png", "question": "ok", "answer": "other"},                 # 9 same id as 1
+        {"question": "text only", "answer": 4},                                    # 10 good
+    ])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare)
+    assert [(it.line, it.images, it.row.get("meta")) for it in prompts.items] == [(1, ("red.png",), {"k": 1}),
+                                                                                 (10, (), None)]
+    f = str(path)
+    assert [str(e) for e in prompts.rejected] == [
+        f"{f}:2: -: not valid JSON at column 2: Expecting property name enclosed in double quotes",
+        f"{f}:3: answer: is missing",
+        f"{f}:4: question: must be a non-empty string",
+        f"{f}:5: image: file not found: {tmp_path / 'gone.png'}",
+        f"{f}:6: image: expected a path or a list of non-empty paths",
+        f"{f}:7: question: is bad on purpose",
+        f"{f}:9: question: duplicate of line 1 (same images and text); generated once",
+    ]
+    assert [e.kind for e in prompts.rejected][3] == "image"
+
+
+def test_image_root_and_outside_root(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    path = tmp_path / "prompts" / "p.jsonl"
+    write_jsonl(path, [{"image": "a.png", "question": "q", "answer": "a"},
+                       {"image": str(tmp_path / "imgs" / "a.png"), "question": "q2", "answer": "a"}])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare, image_root=tmp_path / "imgs")
+    assert [it.line for it in prompts.items] == [1]
+    assert "is an absolute path" in str(prompts.rejected[0])
+    relaxed = read_prompts(path, required=("question", "answer"), prepare=_prepare, image_root=tmp_path / "imgs",
+                           allow_outside_root=True)
+    assert [it.line for it in relaxed.items] == [1, 2]
+    assert load_item_images(relaxed, relaxed.items[1])[0].size == (8, 8)
+
+
+def test_undecodable_image_raises_image_error_with_line(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"image": "broken.png", "question": "q", "answer": "a"}])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare)
+    with pytest.raises(ImageError) as err:
+        load_item_images(prompts, prompts.items[0])
+    assert str(err.value) == f"{path}:1: image: {tmp_path / 'broken.png'} is not an image PIL can read"
+
+
+def test_sample_max_num_subsamples_lines_before_validation(tmp_path):
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"question": f"q{i}", "answer": i} for i in range(10)])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare, sample_max_num=3)
+    assert [it.line for it in prompts.items] == [1, 4, 7]

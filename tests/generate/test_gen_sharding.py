@@ -1,0 +1,219 @@
+"""Sharding, part files, resume and merge, driven by the fake sampler (the loop is the unit under test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gen_fakes import FakeSampler, write_jsonl
+from PIL import Image
+
+from mpo.generate.correctness import CorrectnessConfig, correctness_output_path, run_correctness
+from mpo.generate.items import sample_seed
+from mpo.generate.sharding import (
+    OutputLayout,
+    PartFileError,
+    ResumeError,
+    local_device,
+    rank_and_world,
+    scan_parts,
+    shard_range,
+)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (0, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "4"}, (1, 4)),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, (3, 8)),
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, (0, 2)),  # torchrun wins
+])
+def test_rank_and_world(env, expected):
+    assert rank_and_world(env) == expected
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x', WORLD_SIZE='2': both must be integers"),
+    ({"RANK": "0"}, "RANK='0', WORLD_SIZE=None: both must be integers"),
+    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "2"}, "SLURM_PROCID=2 is not in [0, SLURM_NTASKS=2)"),
+])
+def test_rank_and_world_errors(env, message):
+    with pytest.raises(ValueError) as err:
+        rank_and_world(env)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("backend, requested, tp, cuda, env, expected", [
+    ("hf", "auto", 1, 0, {"LOCAL_RANK": "3"}, ("cpu", None)),
+    ("hf", "auto", 1, 8, {}, ("cuda", None)),
+    ("hf", "auto", 1, 4, {"LOCAL_RANK": "5"}, ("cuda:1", None)),
+    ("hf", "auto", 1, 8, {"SLURM_LOCALID": "2"}, ("cuda:2", None)),
+    ("hf", "cuda:7", 1, 8, {"LOCAL_RANK": "0"}, ("cuda:7", None)),           # an explicit device wins
+    ("vllm", "auto", 2, 0, {"LOCAL_RANK": "1"}, ("auto", "2,3")),            # rank 1 of tp-2 engines
+    ("vllm", "auto", 4, 0, {"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, ("auto", None)),
+    ("vllm", "auto", 1, 0, {}, ("auto", None)),
+])
+def test_local_device(backend, requested, tp, cuda, env, expected):
+    assert local_device(backend, requested, tp, cuda, env) == expected
+
+
+def test_shards_are_contiguous_and_near_equal():
+    shards = [shard_range(10, r, 4) for r in range(4)]
+    assert [list(s) for s in shards] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [len(shard_range(2, r, 4)) for r in range(4)] == [1, 1, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(tmp_path / "green.png")
+    rows = [{"image": "green.png", "question": "<image>\nWhat colour?", "answer": "green", "meta": 1}]
+    rows += [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(4)]
+    path = tmp_path / "data" / "arith.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def _cfg(tmp_path, prompt_file, **kw) -> CorrectnessConfig:
+    base = dict(checkpoint="org/model", prompt_path=str(prompt_file), out_dir=str(tmp_path / "out"),
+                num_return_sequences=3, image_root=str(tmp_path), progress=False, num_workers=0, batch_size=2)
+    return CorrectnessConfig(**{**base, **kw})
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_single_rank_run_writes_every_sample_in_prompt_order(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file)
+    fake = FakeSampler()
+    result = run_correctness(cfg, fake, env={})
+    final = correctness_output_path(cfg)
+    assert final == tmp_path / "out" / "org_model" / "max_tiles_6" / "arith.jsonl"
+    assert result.output == final and result.generated == 15 and fake.calls == [(2, 3), (2, 3), (1, 3)]
+    recs = _lines(final)
+    assert [(r["question_orig"], r["sample_idx"]) for r in recs][:4] == [
+        ("<image>\nWhat colour?", 0), ("<image>\nWhat colour?", 1), ("<image>\nWhat colour?", 2),
+        ("What is 0 plus 1?", 0)]
+    first = recs[0]
+    assert first["meta"] == 1 and first["answer"] == "green" and first["prompt_version"] == "en_v2"
+    assert first["question"].startswith("<image>\nWhat colour?\nAnswer the preceding question.")
+    assert first["seed"] == sample_seed(0, first["item_id"], 0)
+    assert first["response"] == f"s{first['seed'] % 1_000_000}" and first["finish_reason"] == "stop"
+    assert json.loads(OutputLayout(final).summary.read_text())["samples"] == 15
+
+
+def test_ranks_share_work_and_the_last_one_merges(tmp_path, prompt_file):
+    """World size 2: rank 0 (3 items) cannot merge alone; rank 1 (2 items) finishes and merges everything."""
+    cfg = _cfg(tmp_path, prompt_file)
+    r0 = run_correctness(cfg, FakeSampler(), env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert (r0.output, r0.generated) == (None, 9)
+    r1 = run_correctness(cfg, FakeSampler(), env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert r1.generated == 6 and r1.output is not None
+    single = _cfg(tmp_path, prompt_file, out_dir=str(tmp_path / "single"))
+    run_correctness(single, FakeSampler(), env={})
+    assert _lines(r1.output) == _lines(correctness_output_path(single))  # same bytes whatever the world size
+
+
+def test_rerun_with_other_world_size_generates_only_missing_samples(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file)
+    run_correctness(cfg, FakeSampler(), env={"RANK": "1", "WORLD_SIZE": "2"})  # items 3, 4 only
+    fake = FakeSampler()
+    result = run_correctness(cfg, fake, env={"RANK": "0", "WORLD_SIZE": "3"})  # items 0, 1; merges nothing
+    assert (result.generated, result.output) == (6, None)
+    fake = FakeSampler()
+    result = run_correctness(cfg, fake, env={"RANK": "1", "WORLD_SIZE": "3"})  # items 2, 3: only 2 is missing
+    assert result.generated == 3 and fake.calls == [(1, 3)] and result.output is not None
+    keys = [(r["item_id"], r["sample_idx"]) for r in _lines(result.output)]
+    assert len(keys) == len(set(keys)) == 15
+
+
+def test_partial_item_gets_only_its_missing_indices_with_their_own_seeds(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file, num_return_sequences=2)
+    run_correctness(cfg, FakeSampler(), env={})
+    final = correctness_output_path(cfg)
+    part = OutputLayout(final).part(0, 1)
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:3]) + "\n")  # keep item 0 (2 samples) and sample 0 of item 1
+    final.unlink()
+    fake = FakeSampler()
+    run_correctness(cfg, fake, env={})
+    # Batches of 2 over the unfinished items: (1, 2) then (3, 4); item 1 misses one sample, the others two,
+    # and a batch makes one sampler call per missing count.
+    assert fake.calls == [(1, 1), (1, 2), (2, 2)]
+    item1 = json.loads(lines[2])["item_id"]
+    assert fake.requests[0].seeds == (sample_seed(0, item1, 1),)
+    assert _lines(final) == [json.loads(line) for line in lines]  # the regenerated samples are identical
+
+
+def test_more_samples_later_only_adds_the_new_indices(tmp_path, prompt_file):
+    run_correctness(_cfg(tmp_path, prompt_file, num_return_sequences=2), FakeSampler(), env={})
+    fake = FakeSampler()
+    result = run_correctness(_cfg(tmp_path, prompt_file, num_return_sequences=3), fake, env={})
+    assert result.generated == 5 and fake.calls == [(2, 1), (2, 1), (1, 1)]
+    assert [r["sample_idx"] for r in _lines(result.output)][:3] == [0, 1, 2]
+
+
+def test_everything_done_only_merges_and_loads_no_model(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file)
+    run_correctness(cfg, FakeSampler(), env={})
+    correctness_output_path(cfg).unlink()
+
+    def no_model():
+        raise AssertionError("the sampler must not be built when nothing is missing")
+
+    cfg.sampler_factory = lambda prompts: no_model  # type: ignore[method-assign]
+    result = run_correctness(cfg, env={})
+    assert result.generated == 0 and len(_lines(result.output)) == 15
+
+
+def test_changed_sampling_settings_are_refused(tmp_path, prompt_file):
+    run_correctness(_cfg(tmp_path, prompt_file), FakeSampler(), env={})
+    cfg = _cfg(tmp_path, prompt_file, temperature=1.0)
+    settings = OutputLayout(correctness_output_path(cfg)).settings
+    with pytest.raises(ResumeError) as err:
+        run_correctness(cfg, FakeSampler(), env={})
+    assert str(err.value) == (f"{settings}: temperature: this output was started with 0.7, now 1.0; rerun with "
+                              "the same settings or use another --out-dir")
+
+
+def test_torn_last_line_is_ignored_by_readers_and_cut_by_its_owner(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file)
+    run_correctness(cfg, FakeSampler(), env={"RANK": "0", "WORLD_SIZE": "2"})
+    layout = OutputLayout(correctness_output_path(cfg))
+    part = layout.part(0, 2)
+    whole = part.read_bytes()
+    part.write_bytes(whole + b'{"item_id": "abc", "sampl')  # a kill in the middle of a write
+    state = scan_parts(layout)
+    assert (len(state.samples), state.torn) == (9, 1) and part.read_bytes().endswith(b"sampl")
+    fake = FakeSampler()
+    result = run_correctness(cfg, fake, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert result.generated == 0 and fake.calls == [] and part.read_bytes() == whole  # cut, nothing redone
+
+
+def test_damage_in_the_middle_of_a_part_file_is_an_error(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file)
+    run_correctness(cfg, FakeSampler(), env={})
+    layout = OutputLayout(correctness_output_path(cfg))
+    part = layout.part(0, 1)
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join(lines[:2] + ["garbage"] + lines[2:]) + "\n")
+    with pytest.raises(PartFileError) as err:
+        scan_parts(layout)
+    assert str(err.value) == (f"{part}:3: not a JSON object, and not the last line: the part file was damaged by "
+                              "something other than a kill; move it away to regenerate its samples")
+
+
+def test_undecodable_image_is_reported_once_and_not_retried(tmp_path, prompt_file):
+    (tmp_path / "green.png").write_bytes(b"broken")
+    cfg = _cfg(tmp_path, prompt_file)
+    result = run_correctness(cfg, FakeSampler(), env={})
+    layout = OutputLayout(result.output)
+    assert result.summary["items"] == 4 and result.summary["rejected_prompts"] == 1
+    assert result.summary["samples"] == 12
+    rejected = _lines(layout.rejected_prompts)
+    assert [(r["line"], r["field"], r["kind"]) for r in rejected] == [(1, "image", "image")]
+    fake = FakeSampler()
+    run_correctness(cfg, fake, env={})
+    assert fake.calls == []

@@ -1,0 +1,56 @@
+"""mpo eval (per-dataset accuracies, reference from the run) and a short mpo demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_config
+from typer.testing import CliRunner
+
+from mpo.cli import app
+from mpo.train.evaluate import resolve_run_model, run_eval
+from mpo.train.recipe import run_train
+
+
+def test_eval_counts_every_heldout_pair(demo_model, demo_data):
+    report = run_eval(str(demo_model), str(demo_data / "meta_heldout.json"), max_length=512, max_dynamic_patch=1)
+    sizes = {name: sum(1 for line in (demo_data / "annotations" / "heldout" / f"{name}.jsonl").read_text().splitlines()
+                       if line.strip()) for name in report.datasets}
+    assert {k: v["pairs"] for k, v in report.datasets.items()} == sizes
+    assert report.overall["pairs"] == sum(sizes.values())
+    assert 0.0 <= report.overall["logp_accuracy"] <= 1.0
+    assert "reward_accuracy" not in report.overall  # no reference: a plain model folder records none
+
+
+def test_reference_equal_to_model_gives_zero_margins(demo_model, demo_data):
+    report = run_eval(str(demo_model), str(demo_data / "meta_heldout.json"), reference=str(demo_model),
+                      max_length=512, max_dynamic_patch=1)
+    assert report.overall["mean_reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert report.overall["reward_accuracy"] == 0.0  # ties are not wins
+
+
+def test_eval_on_a_run_folder_uses_the_recorded_base_model(demo_model, demo_data, tmp_path):
+    run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.max_steps=2"))
+    model, ref = resolve_run_model(tmp_path / "run")
+    assert model == str(tmp_path / "run" / "final") and ref == str(demo_model)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "run"), "--meta",
+                                      str(demo_data / "meta_heldout.json"), "--max-length", "512",
+                                      "--max-dynamic-patch", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["reference"] == str(demo_model)
+    assert set(data["datasets"]) == {"shape_colour", "pair_colour", "text_arith"}
+    assert "reward_accuracy" in data["overall"]
+
+
+def test_demo_end_to_end_small(tmp_path):
+    from mpo.train.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", steps=2, n_pairs=96, n_heldout=8)
+    for key in ("heldout_accuracy_before", "heldout_accuracy_after", "heldout_accuracy_blank_images",
+                "train_seconds", "steps", "per_task"):
+        assert key in summary
+    assert summary["steps"] == 2
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 2
