@@ -27,6 +27,7 @@ from mpo.data.mixture import PreferenceMixture
 from mpo.models import load_model, load_processor
 from mpo.train.data import Collator, EncodedPairs
 from mpo.train.forward import PairScorer
+from mpo.train.shared import SUPPORTED_ATTENTION
 
 __all__ = ["EvalReport", "run_eval", "resolve_run_model", "score_pairs"]
 
@@ -87,7 +88,9 @@ def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
 @torch.no_grad()
 def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, pad_id: int):
     """Yield (sources, chosen_logps (B,), rejected_logps (B,), errors) over the dataset in order."""
-    collate = Collator(pad_id)
+    attn = getattr(scorer.model.config, "_attn_implementation", None) or "sdpa"
+    layout = "shared" if attn in SUPPORTED_ATTENTION else "naive"  # shared: exact and ~2x less prompt compute
+    collate = Collator(pad_id, layout, attn_implementation=attn, dtype=next(scorer.parameters()).dtype)
     scorer.eval()
     for start in range(0, len(dataset), batch_size):
         batch, errors = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
