@@ -4,6 +4,17 @@
 see ``docs/generate.md`` for the walkthrough and ``mpo.generate.sharding`` for the part-file design.
 """
 
+from mpo.generate.answers import (
+    ExtractResult,
+    anls_score,
+    check_answer,
+    clean_answer,
+    extract_answer,
+    fix_answer,
+    mode_for_dataset,
+    normalize_answer,
+    option_letter,
+)
 from mpo.generate.correctness import CorrectnessConfig, correctness_output_path, run_correctness
 from mpo.generate.dropout_ntp import DropoutNTPConfig, dropout_output_path, run_dropout_ntp, truncate_chosen
 from mpo.generate.items import (
@@ -15,6 +26,14 @@ from mpo.generate.items import (
     read_prompts,
     sample_seed,
     subsample_lines,
+)
+from mpo.generate.postprocess import (
+    DatasetStats,
+    PostprocessConfig,
+    judge_record,
+    output_paths,
+    run_postprocess,
+    select_pairs,
 )
 from mpo.generate.prompts import (
     IMAGE_MARKER,
@@ -58,6 +77,21 @@ from mpo.generate.sharding import (
 )
 
 __all__ = [
+    "DatasetStats",
+    "ExtractResult",
+    "PostprocessConfig",
+    "anls_score",
+    "check_answer",
+    "clean_answer",
+    "extract_answer",
+    "fix_answer",
+    "judge_record",
+    "mode_for_dataset",
+    "normalize_answer",
+    "option_letter",
+    "output_paths",
+    "run_postprocess",
+    "select_pairs",
     "IMAGE_MARKER",
     "PROMPT_TEMPLATES",
     "PROMPT_VERSIONS",

@@ -1,0 +1,517 @@
+r"""Answer judging for sampled responses: pull out the final answer, then compare it with the ground truth.
+
+Everything here is a pure function of its arguments (the math-verify guard keeps a helper process, but
+its answers depend only on the inputs). Two steps:
+
+1. ``extract_answer(response, version)`` reads the final answer in the format the prompt version asked
+   for. A response without a well-formed answer is a *format failure* with a reason, never "the whole text
+   is the answer" (the InternVL seed's behaviour, which let substring-happy scorers accept garbage).
+2. ``check_answer(pred, gt, mode)`` decides correctness with cheap, exact rules first (option letters,
+   yes/no, normalised strings, numbers) and calls math-verify only when both sides look mathematical.
+   math-verify runs in a child process that is killed when it overruns ``timeout``: sympy can spend
+   minutes in C code on strings such as ``10^{10^{10}}``, where a signal-based alarm never fires.
+
+Example: the ``en_v2`` response ``"Half of the unit square.\nAnswer: \boxed{\frac{1}{2}}"`` gives
+``ExtractResult(answer="\frac{1}{2}", reason=None, span=(40, 51))``; ``check_answer("\frac{1}{2}", "0.5")``
+is True, ``check_answer("2.5", "2")`` is False and a response without a box gives
+``ExtractResult(None, "no_box")``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import multiprocessing as mp
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "ANLS_THRESHOLD",
+    "CHECK_MODES",
+    "PROMPT_VERSIONS",
+    "REL_TOL",
+    "ExtractResult",
+    "anls_score",
+    "check_answer",
+    "clean_answer",
+    "extract_answer",
+    "fix_answer",
+    "mode_for_dataset",
+    "normalize_answer",
+    "option_letter",
+]
+
+PROMPT_VERSIONS = ("en", "zh", "en_v2", "zh_v2", "en_r1", "zh_r1")
+CHECK_MODES = ("auto", "relaxed", "anls")
+REL_TOL = 1e-3
+"""Relative tolerance for non-integer numbers in ``auto``/``anls`` mode (integers must match exactly)."""
+RELAXED_TOL = 0.05
+"""ChartQA's relaxed accuracy: 5 % relative error."""
+ANLS_THRESHOLD = 0.5
+"""An answer passes when its ANLS score (a similarity, 1 - normalised edit distance) reaches this."""
+MAX_MATH_CHARS = 300
+"""Longer strings are never sent to math-verify: real final answers are short, hostile ones are long."""
+MAX_EDIT_CHARS = 500
+"""Longer strings get no edit-distance credit (the distance is quadratic in the length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractResult:
+    """The final answer of a response, or why there is none.
+
+    ``answer`` is the cleaned answer text (``None`` on a format failure, then ``reason`` says why) and
+    ``span`` the ``(start, end)`` of the raw answer inside the response, used by ``fix_answer``.
+    """
+
+    answer: str | None
+    reason: str | None = None
+    span: tuple[int, int] | None = None
+
+
+def _fail(reason: str) -> ExtractResult:
+    return ExtractResult(None, reason)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction
+
+_TRIGGER = re.compile(r"(?:\*\*)?(?:final answer|答案)\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?", re.IGNORECASE)
+_BOX = re.compile(r"\\boxed\s*\{")
+_BRACE = re.compile(r"\\.|[{}]", re.DOTALL)
+_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
+_LEAD_IN = re.compile(r"(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s+", re.IGNORECASE)
+_ABBREV = re.compile(r"(?:[A-Za-z]\.){2,}")
+_LONE_OPTION = (re.compile(r"\(([A-Za-z])\)"), re.compile(r"([A-Z])\)"),
+                re.compile(r"(?:option|choice)\s*\(?([A-Z])\)?", re.IGNORECASE))
+
+
+def extract_answer(response: str, version: str) -> ExtractResult:
+    """Final answer of ``response`` written for prompt ``version`` (one of ``PROMPT_VERSIONS``).
+
+    * ``en``/``zh``: text after the last "Final answer:" / "答案:" marker (any case, ASCII or full-width
+      colon, markdown bold allowed), which must sit on the last line; at most 2 markers and at least 2
+      newlines (some reasoning) as in the seed.
+    * ``en_v2``/``zh_v2``: content of the last ``\\boxed{...}``, which must be balanced; no box or an
+      unbalanced last box is a format failure. Responses of at most 20 characters fail (seed rule).
+    * ``en_r1``/``zh_r1``: one ``<think>...</think>`` block first (at least 20 characters of thought),
+      then the last balanced box after ``</think>``.
+    """
+    if version in ("en", "zh"):
+        return _extract_marker(response)
+    if version in ("en_v2", "zh_v2"):
+        if len(response.strip()) <= 20:
+            return _fail("too_short")
+        return _extract_box(response, 0)
+    if version in ("en_r1", "zh_r1"):
+        return _extract_r1(response)
+    raise ValueError(f"prompt_version: unknown {version!r}; expected one of {', '.join(PROMPT_VERSIONS)}")
+
+
+def _extract_marker(response: str) -> ExtractResult:
+    triggers = list(_TRIGGER.finditer(response))
+    if not triggers:
+        return _fail("no_answer_marker")
+    if len(triggers) > 2:
+        return _fail("too_many_markers")
+    if response.count("\n") < 2 or not response[: triggers[-1].start()].strip():
+        return _fail("no_reasoning")
+    start = triggers[-1].end()
+    tail = response[start:]
+    raw = tail.strip()
+    if "\n" in raw:
+        return _fail("answer_not_last_line")
+    start += len(tail) - len(tail.lstrip())
+    return _cleaned(raw, (start, start + len(raw)))
+
+
+def _extract_box(response: str, offset: int) -> ExtractResult:
+    """Last ``\\boxed{`` in ``response[offset:]``; braces escaped as ``\\{`` do not count."""
+    last = None
+    for last in _BOX.finditer(response, offset):  # noqa: B007 (keep the last match)
+        pass
+    if last is None:
+        return _fail("no_box")
+    depth = 1
+    for tok in _BRACE.finditer(response, last.end()):
+        ch = tok.group()
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return _cleaned(response[last.end(): tok.start()], (last.end(), tok.start()))
+    return _fail("unbalanced_box")
+
+
+def _extract_r1(response: str) -> ExtractResult:
+    body = response.lstrip()
+    lead = len(response) - len(body)
+    if not body.startswith("<think>"):
+        return _fail("no_think")
+    if body.count("<think>") != 1 or body.count("</think>") != 1:
+        return _fail("think_tags")
+    end = body.index("</think>")
+    if len(body[len("<think>"): end].strip()) < 20:
+        return _fail("short_think")
+    return _extract_box(response, lead + end + len("</think>"))
+
+
+def _cleaned(raw: str, span: tuple[int, int]) -> ExtractResult:
+    answer = clean_answer(raw)
+    return ExtractResult(answer, None, span) if answer else _fail("empty_answer")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def clean_answer(raw: str) -> str:
+    """Strip the packaging models put around an answer: ``**B**``, ``$x$``, ``\\text{B}``, "The answer
+    is", a trailing period (not after an abbreviation such as ``U.S.``), and lone option labels
+    ``(B)``, ``B)``, ``Option B``."""
+    s = raw.strip()
+    for _ in range(4):  # wrappers nest (``**$\text{B}$**``); four rounds cover every case seen
+        before = s
+        lead = _LEAD_IN.match(s)
+        s = s[lead.end():] if lead else s
+        if s.startswith("**") or s.endswith("**"):  # markdown bold, possibly unclosed or empty
+            s = s.strip("*").strip()
+        for left, right in (("__", "__"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if len(s) > len(left) + len(right) and s.startswith(left) and s.endswith(right):
+                s = s[len(left): -len(right)].strip()
+        whole = _WRAPPER.fullmatch(s)
+        if whole:
+            s = whole.group(1).strip()
+        if s.endswith(".") and not _ABBREV.fullmatch(s):
+            s = s[:-1].rstrip()
+        if s == before:
+            break
+    for pattern in _LONE_OPTION:
+        m = pattern.fullmatch(s)
+        if m:
+            return m.group(1)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation helpers
+
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset({"a", "an", "the"})
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_PUNCT = re.compile(r"[^\w\s.\-+/%°^]")
+_LOOSE_DOT = re.compile(r"(?<!\d)\.|\.(?!\d)")
+_LOOSE_DASH = re.compile(r"-(?![\d.])")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize_answer(text: str) -> str:
+    """Short-answer normal form: lower case, no markup or punctuation, number words as digits, no
+    articles. Unlike the VQA normaliser it keeps what changes a number's value: ``-3`` stays ``-3``,
+    ``3.5`` stays ``3.5``, and thousands separators go (``1,000`` -> ``1000``)."""
+    s = clean_answer(text).casefold()
+    s = _WRAPPER.sub(r"\1", s).replace("\\", " ")
+    s = _THOUSANDS.sub("", s)
+    s = _LOOSE_DASH.sub(" ", _LOOSE_DOT.sub(" ", _PUNCT.sub(" ", s)))
+    words = (_NUMBER_WORDS.get(w, w) for w in s.split())
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+_OPTION_FORMS = (
+    re.compile(r"([A-Za-z])"),
+    re.compile(r"\(([A-Za-z])\)(?:[.:]?\s+.*)?", re.DOTALL),
+    re.compile(r"([A-Z])[.:)](?:\s+.*)?", re.DOTALL),
+    re.compile(r"(?:option|choice)\s*\(?([A-Z])\)?(?:[.:)]?\s+.*|[.:)])?", re.DOTALL | re.IGNORECASE),
+)
+_GT_OPTION = re.compile(r"\(?([A-N])\)?[.)]?")
+
+
+def option_letter(pred: str) -> str | None:
+    """Option letter a prediction names (``B``, ``(B)``, ``B.``, ``B) cat``, ``Option B``), upper-cased,
+    or ``None``. ``A cat`` is not an option (an article)."""
+    s = clean_answer(pred)
+    for pattern in _OPTION_FORMS:
+        m = pattern.fullmatch(s)
+        if m:
+            return m.group(1).upper()
+    return None
+
+
+class _Number(NamedTuple):
+    value: int | float
+    is_int: bool
+    unit: str = ""
+
+
+_NUM = re.compile(r"([-+]?)(\d{1,40}(?:,\d{3}){0,10}(?:\.\d{0,40})?|\.\d{1,40})(?:[eE]([-+]?\d{1,3}))?")
+_UNIT = re.compile(r"\s*(?:%|[a-zA-Zµ]{1,12}(?:\^?\{?[23]\}?)?)?")
+_FRAC = re.compile(r"([-+]?)(?:\\[dt]?frac\{(\d{1,20})\}\{(\d{1,20})\}|(\d{1,20})\s*/\s*(\d{1,20}))")
+_DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
+_YEAR = re.compile(r"(?:19|20)\d\d")
+
+
+def _parse_number(text: str) -> _Number | None:
+    """A plain number with at most one unit word (``12``, ``-3.5``, ``1,000``, ``45°``, ``3 cm``,
+    ``10%``, ``$12``, ``1/2``, ``\\frac{1}{2}``); ``None`` for anything else (``3 or 13``)."""
+    s = clean_answer(text).replace("−", "-").replace("\\%", "%").replace("\\$", "$").replace("{,}", ",")
+    s = _DEGREE.sub("", _WRAPPER.sub(r" \1", s.replace("\\,", "").replace("\\!", ""))).strip()
+    s = s[1:].lstrip() if s.startswith("$") else s
+    m = _FRAC.match(s)
+    if m and _UNIT.fullmatch(s, m.end()):
+        num, den = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), int(m.group(5)))
+        if den == 0:
+            return None
+        return _Number((-num if m.group(1) == "-" else num) / den, False, _unit(s[m.end():]))
+    m = _NUM.match(s)
+    if not m or not _UNIT.fullmatch(s, m.end()):
+        return None
+    digits, unit = m.group(2).replace(",", ""), _unit(s[m.end():])
+    if "." not in digits and m.group(3) is None:
+        return _Number(int(m.group(1) + digits), True, unit)
+    value = float(m.group(1) + digits + (f"e{m.group(3)}" if m.group(3) else ""))
+    return _Number(value, False, unit) if value == value and abs(value) != float("inf") else None
+
+
+def _unit(text: str) -> str:
+    """Comparable unit: ``"cm"`` for ``" cm"``, ``"apple"`` for ``"apples"``; ``""`` for none or ``%``
+    (``10%`` and ``10`` are the same ChartQA answer)."""
+    unit = text.strip().casefold().rstrip("s")
+    return "" if unit == "%" else unit
+
+
+def _numbers_match(pred: _Number, gt: _Number, gt_text: str, mode: str) -> bool:
+    if pred.unit and gt.unit and pred.unit != gt.unit:  # 12 cm is not 12 m; a unit on one side is ignored
+        return False
+    if mode == "relaxed":
+        if _YEAR.fullmatch(gt_text):  # a year: a 5 % window would accept 2019 for 2020
+            return pred.value == gt.value
+        tol = RELAXED_TOL
+    elif gt.is_int:
+        # an integer answer (a count, an exact result) needs an exact match: 1001 is wrong for 1000
+        return pred.value == gt.value
+    else:
+        tol = REL_TOL
+    if gt.value == 0:
+        return pred.value == 0
+    return abs(pred.value - gt.value) <= tol * abs(gt.value)
+
+
+_LATEX_CMD = re.compile(r"\\[A-Za-z]+")
+_MATH_FUNCS = re.compile(r"\b(?:arcsin|arccos|arctan|sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|pi|inf)\b",
+                         re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]{2,}")
+_MATH_SIGN = re.compile(r"[\d\\^=+*/]")
+
+
+def _looks_mathematical(text: str) -> bool:
+    """True for formulas (``\\frac{1}{2}``, ``2\\sqrt{3}``, ``x = 2``), false for prose: a word of two or
+    more letters outside LaTeX commands and function names means "not a formula", so ``3 or 13`` is
+    never handed to math-verify (which would read it as the set {3, 13} or worse)."""
+    if len(text) > MAX_MATH_CHARS or not _MATH_SIGN.search(text):
+        return False
+    return not _WORD.search(_MATH_FUNCS.sub(" ", _LATEX_CMD.sub(" ", text)))
+
+
+def _yes_no(norm: str) -> str | None:
+    words = norm.split()
+    if not words or words[0] not in ("yes", "no"):
+        return None
+    other = "no" if words[0] == "yes" else "yes"
+    return None if other in words else words[0]
+
+
+def anls_score(pred: str, gt: str) -> float:
+    """ANLS of one answer (Biten et al., 2019): ``1 - NL`` when the normalised Levenshtein distance NL is
+    below 0.5, else 0. A *similarity*: 1.0 for equal strings (the seed scored the distance instead)."""
+    a, b = normalize_answer(pred), normalize_answer(gt)
+    if a == b:
+        return 1.0 if a else 0.0
+    if not a or not b or max(len(a), len(b)) > MAX_EDIT_CHARS:
+        return 0.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    nl = prev[-1] / max(len(a), len(b))
+    return 1.0 - nl if nl < 0.5 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking
+
+
+def mode_for_dataset(name: str) -> str:
+    """Checking mode from a dataset (file) name, as the seed's ``get_mode`` but case-insensitive:
+    ChartQA -> ``relaxed``; DocVQA and InfographicsVQA -> ``anls``; everything else -> ``auto``."""
+    low = name.lower()
+    if "chartqa" in low:
+        return "relaxed"
+    if "docvqa" in low or "infographic" in low:
+        return "anls"
+    return "auto"
+
+
+def check_answer(pred: str | None, gt: Any, mode: str = "auto", *, timeout: float = 2.0) -> bool:
+    """Whether ``pred`` answers ``gt`` correctly, in order:
+
+    1. gt is an option letter A-N: the prediction must name the same letter (and nothing else decides);
+    2. gt is yes/no: the prediction must start with the same word and not contain the other;
+    3. equal ``normalize_answer`` forms;
+    4. gt is a number: a plain-number prediction is compared numerically (integers exactly, otherwise
+       ``REL_TOL``; 5 % in ``relaxed`` mode, years exactly);
+    5. ``anls`` mode: ANLS score >= ``ANLS_THRESHOLD`` (non-numeric gt only);
+    6. both sides look mathematical: math-verify, given at most ``timeout`` seconds (else False).
+
+    A correct answer inside a longer wrong one (``13`` for ``3``, ``3 or 13``) fails every rule.
+    """
+    if mode not in CHECK_MODES:
+        raise ValueError(f"mode: unknown {mode!r}; expected one of {', '.join(CHECK_MODES)}")
+    if pred is None:
+        return False
+    pred, gt = pred.strip(), str(gt).strip()
+    if not pred or not gt:
+        return False
+    return _check_cached(pred, gt, mode, float(timeout))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _check_cached(pred: str, gt: str, mode: str, timeout: float) -> bool:
+    """The judgement for stripped, non-empty strings; cached because a dataset repeats its answers."""
+    if pred.casefold() == gt.casefold():  # the seed's first rule; also covers answers normalised to ""
+        return True
+    gt_option = _GT_OPTION.fullmatch(gt)
+    if gt_option:
+        return option_letter(pred) == gt_option.group(1)
+    pred_norm, gt_norm = normalize_answer(pred), normalize_answer(gt)
+    if gt_norm in ("yes", "no"):
+        return _yes_no(pred_norm) == gt_norm
+    if pred_norm and pred_norm == gt_norm:
+        return True
+    gt_num = _parse_number(gt)
+    if gt_num is not None:
+        pred_num = _parse_number(pred)
+        if pred_num is not None:
+            return _numbers_match(pred_num, gt_num, gt, mode)
+    elif mode == "anls":
+        return anls_score(pred, gt) >= ANLS_THRESHOLD
+    if _looks_mathematical(pred) and (gt_num is not None or _looks_mathematical(gt)):
+        return _MATH.equal(pred, gt, timeout)
+    return False
+
+
+def fix_answer(response: str, result: ExtractResult, gt: Any, version: str) -> str | None:
+    """The seed's ``--answer-fix``, made safe: rewrite the final answer of an option question to the
+    bare letter (``**(B) cat**`` -> ``B``; for ``en``/``zh`` also drop ``**`` on the last line).
+
+    Returns ``None`` unless gt is an option letter and the extracted answer already names it, so a wrong
+    response can never be rewritten to state the right answer. Callers re-judge the rewritten text.
+    """
+    gt_option = _GT_OPTION.fullmatch(str(gt).strip())
+    if gt_option is None or result.answer is None or result.span is None:
+        return None
+    letter = gt_option.group(1)
+    start, end = result.span
+    if option_letter(result.answer) != letter:
+        return None
+    fixed = response[:start] + letter + response[end:]
+    if version in ("en", "zh"):
+        head, sep, last = fixed.rpartition("\n")
+        fixed = head + sep + last.replace("**", "")
+    return fixed if fixed != response else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# math-verify behind a process guard
+
+
+def _serve_math(conn: Any) -> None:
+    """Child loop: answer ``(pred, gt)`` requests with math-verify's verdict until the pipe closes."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" notice: we time it
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    conn.send("ready")
+    while True:
+        try:
+            pred, gt = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            gold = parse(f"${gt.strip('$')}$", extraction_config=configs, parsing_timeout=None)
+            target = parse(f"${pred.strip('$')}$", extraction_config=configs, parsing_timeout=None)
+            verdict = bool(gold and target and verify(gold, target, timeout_seconds=None))
+        except Exception:  # any parser/sympy failure means "not shown equal"
+            verdict = False
+        conn.send(verdict)
+
+
+class _MathGuard:
+    """A long-lived child process running math-verify, replaced whenever a call overruns its limit.
+
+    A process (not ``signal.alarm``) because sympy's big-integer arithmetic runs in C and ignores
+    signals: ``2^{2^{30}}`` takes 10 s under a 1 s alarm. It also works from any thread. On fork
+    platforms math-verify is imported before forking, so a restarted child is ready in milliseconds.
+    """
+
+    START_TIMEOUT = 120.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def equal(self, pred: str, gt: str, timeout: float) -> bool:
+        with self._lock:
+            if self._proc is None and not self._start():
+                return False
+            try:
+                self._conn.send((pred, gt))
+                if self._conn.poll(timeout):
+                    return bool(self._conn.recv())
+            except (EOFError, OSError):
+                pass
+            self.stop()  # overran or died: the next call gets a fresh child
+            return False
+
+    def _start(self) -> bool:
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        if ctx.get_start_method() == "fork":
+            import math_verify  # noqa: F401  (loaded once here, inherited by every forked child)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_math, args=(child,), daemon=True, name="mpo-math-verify")
+        self._proc.start()
+        child.close()
+        try:
+            if self._conn.poll(self.START_TIMEOUT) and self._conn.recv() == "ready":
+                return True
+        except (EOFError, OSError):
+            pass
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        """Kill the child (if any); called on overrun and at interpreter exit."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join()
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def forget(self) -> None:
+        """In a forked process: drop the parent's child (it is not ours to use or kill) and start afresh,
+        so two processes never share one pipe (a process pool forks after the parent judged inline)."""
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+        self._lock = threading.Lock()
+
+
+_MATH = _MathGuard()
+atexit.register(_MATH.stop)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_MATH.forget)

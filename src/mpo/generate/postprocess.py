@@ -1,0 +1,627 @@
+"""Stage 2 of correctness data: judge the Stage-1 samples and build chosen/rejected pairs (CPU only).
+
+For every ``<data_dir>/<ds>.jsonl`` (one Stage-1 record per line) this writes, under ``save_dir``::
+
+    raw/<ds>_pairs_vqa_correctness_rules.jsonl  correct response vs wrong answer
+    raw/<ds>_pairs_vqa_format_rules.jsonl       correct response vs format failure (no answer / truncated)
+    pos_items/<ds>.jsonl                        every correct record, plus its ``answer_pred``
+    neg_items/<ds>.jsonl                        one row per question the model always got wrong
+    manifest.json                               per input: size, mtime, settings, counts (resume)
+
+A pair row is ``{"image"?, "question", "chosen", "rejected", "answer_gt", "chosen_meta"?,
+"rejected_meta"?}``, where ``question`` is the *original* question (``question_orig``), not the
+instruction-wrapped prompt the model was sampled with: pairs train on what users ask.
+
+How it stays within bounded memory on a 1.2-million-line file: pass 1 streams the file in byte ranges
+(one per process-pool task), judges each line and keeps only a small ``Entry`` per line (a digest of the
+response, the label, the normalised answer, the byte offset), grouped by key. Pass 2 walks the keys in
+sorted order, picks pairs from those entries, and re-reads just the records it writes by offset (the four
+files are written by the pool too, one file per worker at a time).
+
+Determinism: keys are ``(image, question_orig, answer)``; identical responses of a key are merged before
+pairing; candidates are ordered by response digest and sampled with an RNG seeded from a stable hash
+of the key; outputs are sorted by key, then by (chosen, rejected).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from mpo.data.errors import RowError
+from mpo.fsio import atomic_write_json, atomic_write_jsonl
+from mpo.generate.answers import (
+    PROMPT_VERSIONS,
+    ExtractResult,
+    check_answer,
+    extract_answer,
+    fix_answer,
+    mode_for_dataset,
+    normalize_answer,
+)
+
+__all__ = ["DatasetStats", "Entry", "Judgement", "PostprocessConfig", "judge_record", "output_paths",
+           "run_postprocess", "select_pairs"]
+
+POS, NEG, FMT = 1, 0, 2
+JUDGE_VERSION = 1
+"""Bump when judging changes, so that ``manifest.json`` entries of older runs are recomputed."""
+MAX_LOGGED_ERRORS = 20
+_ENUMERATE_LIMIT = 1 << 16  # candidate pairs materialised per key; above this, sample index pairs
+_MIN_CHUNK_BYTES = 1 << 20  # smaller pool tasks cost more in start-up and pickling than they save
+_READ_BLOCK = 1 << 22  # pass 0 counts newlines block by block; ranges are cut at block ends
+
+Key = tuple[str, str, str]
+"""``(image as JSON text or "", question_orig, answer as text)``."""
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Settings of ``mpo postprocess correctness`` (flag names in the error messages)."""
+
+    data_dir: Path
+    save_dir: Path
+    answer_fix: bool = False
+    force: bool = False
+    gt_responses: Path | None = None
+    num_pairs_per_key: int = 15
+    max_lines: int = 1_000_000
+    overwrite: bool = False
+    workers: int = 2
+    timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "save_dir", Path(self.save_dir))
+        for flag, value, low in (("--num-pairs-per-key", self.num_pairs_per_key, 0),
+                                 ("--max-lines", self.max_lines, 1), ("--workers", self.workers, 1)):
+            if value < low:
+                raise ValueError(f"{flag}: must be >= {low}, got {value}")
+        if self.timeout <= 0:
+            raise ValueError(f"--timeout: must be > 0, got {self.timeout}")
+        if not Path(self.data_dir).is_dir():
+            raise ValueError(f"--data-dir: not a folder: {self.data_dir}")
+        if self.gt_responses is not None and not Path(self.gt_responses).is_file():
+            raise ValueError(f"--gt-responses: no such file: {self.gt_responses}")
+
+
+@dataclass
+class DatasetStats:
+    """What happened to one input file (also what ``manifest.json`` stores as ``counts``)."""
+
+    dataset: str
+    lines: int = 0
+    malformed: int = 0
+    positives: int = 0
+    negatives: int = 0
+    format_negatives: int = 0
+    format_reasons: dict[str, int] = field(default_factory=dict)
+    keys: int = 0
+    all_correct_keys: int = 0
+    all_wrong_keys: int = 0
+    correctness_pairs: int = 0
+    format_pairs: int = 0
+    neg_items: int = 0
+    skipped: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.format_reasons.items()))
+        head = f"[{self.dataset}]" + (" skipped (done, see manifest.json)" if self.skipped else "")
+        return (f"{head} lines={self.lines} malformed={self.malformed} positives={self.positives} "
+                f"negatives={self.negatives} format_negatives={self.format_negatives} ({reasons}) "
+                f"keys={self.keys} all_correct_keys={self.all_correct_keys} "
+                f"all_wrong_keys={self.all_wrong_keys} pairs: correctness={self.correctness_pairs} "
+                f"format={self.format_pairs} neg_items={self.neg_items}")
+
+
+class Entry(NamedTuple):
+    """What pass 1 keeps of one judged line: enough to pick pairs and to re-read the record."""
+
+    digest: int
+    label: int
+    pred: str
+    src: int
+    offset: int
+
+
+class Judgement(NamedTuple):
+    """Verdict on one record: ``label`` is POS/NEG/FMT; ``response`` is the text to train on (rewritten
+    by ``--answer-fix`` when that applied); ``reason`` names a format failure."""
+
+    label: int
+    answer_pred: str | None
+    reason: str | None
+    response: str
+
+
+class _Malformed(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name, self.message = field_name, message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Judging one record
+
+
+def judge_record(record: dict, mode: str, *, answer_fix: bool = False, timeout: float = 2.0) -> Judgement:
+    """Label one Stage-1 record. Truncated responses (``finish_reason == "length"``) and responses with
+    no extractable answer are format negatives, never positives. ``answer`` may be a list of accepted
+    answers. With ``answer_fix``, a *correct* response's answer is rewritten (``fix_answer``) and kept
+    only if the rewritten text is judged correct again."""
+    response, version = record["response"], record.get("prompt_version", "en")
+    if record.get("finish_reason") == "length":
+        return Judgement(FMT, None, "truncated", response)
+    result = extract_answer(response, version)
+    if result.answer is None:
+        return Judgement(FMT, None, result.reason, response)
+    answers = _answers(record)
+    if not any(check_answer(result.answer, gt, mode, timeout=timeout) for gt in answers):
+        return Judgement(NEG, result.answer, None, response)
+    if answer_fix and (fixed := _apply_fix(response, result, answers, version, mode)):
+        return Judgement(POS, fixed[1], None, fixed[0])
+    return Judgement(POS, result.answer, None, response)
+
+
+def _answers(record: dict) -> list[Any]:
+    return record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+
+
+def _apply_fix(response: str, result: ExtractResult, answers: list[Any], version: str,
+               mode: str) -> tuple[str, str] | None:
+    """``(rewritten response, its answer)`` when ``fix_answer`` applies and the rewrite is judged correct
+    again. Only option-letter answers are rewritten, so this never reaches math-verify: it gives the
+    same result in pass 2 as in pass 1."""
+    for gt in answers:
+        fixed = fix_answer(response, result, gt, version)
+        again = extract_answer(fixed, version) if fixed else None
+        if again and again.answer and check_answer(again.answer, gt, mode):
+            return fixed, again.answer
+    return None
+
+
+def _key_of(record: Any) -> Key:
+    """Validate the fields pass 1 needs and build the group key (raises ``_Malformed``)."""
+    if not isinstance(record, dict):
+        raise _Malformed("-", f"expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record.get("response"), str):
+        raise _Malformed("response", "missing" if "response" not in record else "not a string")
+    if record.get("answer") in (None, "", []):
+        raise _Malformed("answer", "missing or empty")
+    version = record.get("prompt_version", "en")
+    if version not in PROMPT_VERSIONS:
+        expected = ", ".join(PROMPT_VERSIONS)
+        raise _Malformed("prompt_version", f"unknown {version!r}; expected one of {expected}")
+    question = record.get("question_orig", record.get("question"))
+    if not isinstance(question, str):
+        raise _Malformed("question_orig", "missing (and no question)")
+    image, answer = record.get("image"), record["answer"]
+    image_key = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False) if image else ""
+    answer_key = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    return image_key, question, answer_key
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pass 1: stream byte ranges, judge, group
+
+
+@dataclass
+class _Scan:
+    groups: dict[Key, list[Entry]] = field(default_factory=dict)
+    lines: int = 0
+    malformed: int = 0
+    errors: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: _Scan) -> None:
+        for key, entries in other.groups.items():
+            mine = self.groups.get(key)
+            if mine is None:
+                self.groups[key] = entries
+            else:
+                mine.extend(entries)
+        self.lines += other.lines
+        self.malformed += other.malformed
+        self.errors.extend(other.errors[: MAX_LOGGED_ERRORS - len(self.errors)])
+        self.reasons.update(other.reasons)
+
+
+class _Task(NamedTuple):
+    path: str
+    start: int
+    end: int
+    first_line: int
+    src: int
+    mode: str
+    answer_fix: bool
+    timeout: float
+
+
+def _scan_range(task: _Task) -> _Scan:
+    """Judge the lines in ``[start, end)`` of one file (a process-pool task)."""
+    out = _Scan()
+    with open(task.path, "rb") as fh:
+        fh.seek(task.start)
+        offset, line = task.start, task.first_line - 1
+        while offset < task.end:
+            raw = fh.readline()
+            if not raw:
+                break
+            here, offset, line = offset, offset + len(raw), line + 1
+            if not raw.strip():
+                continue
+            out.lines += 1
+            try:
+                record = json.loads(raw)
+                key = _key_of(record)
+                verdict = judge_record(record, task.mode, answer_fix=task.answer_fix, timeout=task.timeout)
+            except _Malformed as err:
+                _bad(out, task.path, line, err.field_name, err.message)
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                _bad(out, task.path, line, "-", f"not valid JSON ({err})")
+                continue
+            except RecursionError:
+                _bad(out, task.path, line, "-", "not valid JSON (nested too deeply)")
+                continue
+            if verdict.reason:
+                out.reasons[verdict.reason] += 1
+            pred = normalize_answer(verdict.answer_pred) if verdict.answer_pred is not None else ""
+            entry = Entry(_digest(verdict.response), verdict.label, pred, task.src, here)
+            out.groups.setdefault(key, []).append(entry)
+    return out
+
+
+def _bad(out: _Scan, path: str, line: int, field_name: str, message: str) -> None:
+    out.malformed += 1
+    if len(out.errors) < MAX_LOGGED_ERRORS:
+        out.errors.append(str(RowError(path, line, field_name, message)))
+
+
+def _byte_ranges(path: Path, max_lines: int, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first_line)`` ranges covering the first ``max_lines`` lines, cut after newlines."""
+    ranges, start, first, lines, pos = [], 0, 1, 0, 0
+    with open(path, "rb") as fh:
+        while lines < max_lines:
+            block = fh.read(_READ_BLOCK)
+            if not block:
+                break
+            n = block.count(b"\n")
+            if lines + n >= max_lines:  # the limit falls inside this block: stop after that newline
+                cut = -1
+                for _ in range(max_lines - lines):
+                    cut = block.index(b"\n", cut + 1)
+                pos += cut + 1
+                break
+            lines, pos = lines + n, pos + len(block)
+            if n and pos - start >= chunk_bytes:
+                end = pos - (len(block) - 1 - block.rfind(b"\n"))
+                ranges.append((start, end, first))
+                start, first = end, lines + 1
+    if pos > start:
+        ranges.append((start, pos, first))
+    return ranges
+
+
+def _scan_file(path: Path, src: int, mode: str, cfg: PostprocessConfig, max_lines: int) -> _Scan:
+    chunk_bytes = max(path.stat().st_size // (cfg.workers * 4), _MIN_CHUNK_BYTES)
+    tasks = [_Task(str(path), s, e, f, src, mode, cfg.answer_fix, cfg.timeout)
+             for s, e, f in _byte_ranges(path, max_lines, chunk_bytes)]
+    total = _Scan()
+    if cfg.workers == 1 or len(tasks) < 2:
+        for part in map(_scan_range, tasks):
+            total.merge(part)
+    else:
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks))) as pool:
+            for part in pool.map(_scan_range, tasks):
+                total.merge(part)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pass 2: pick pairs per key
+
+
+def _unique(entries: list[Entry]) -> list[Entry]:
+    """One entry per distinct response text, ordered by digest (so the order ignores file order)."""
+    seen: dict[int, Entry] = {}
+    for e in sorted(entries, key=lambda e: (e.digest, e.src, e.offset)):
+        seen.setdefault(e.digest, e)
+    return list(seen.values())
+
+
+def select_pairs(chosen: list[Entry], rejected: list[Entry], cap: int, seed: int,
+                 skip_equal_answers: bool) -> list[tuple[Entry, Entry]]:
+    """Up to ``cap`` distinct (chosen, rejected) combinations, drawn without replacement by
+    ``random.Random(seed)``. With ``skip_equal_answers``, a combination whose normalised answers are
+    equal is dropped (replaces the seed's substring test, which dropped ``3`` vs ``13``)."""
+    chosen, rejected, rng = _unique(chosen), _unique(rejected), random.Random(seed)
+    if len(chosen) * len(rejected) <= _ENUMERATE_LIMIT:
+        cands = [(c, r) for c in chosen for r in rejected if not (skip_equal_answers and c.pred == r.pred)]
+        return rng.sample(cands, min(cap, len(cands)))
+    picked: list[tuple[Entry, Entry]] = []
+    tried: set[tuple[int, int]] = set()
+    for _ in range(cap * 64):  # a huge key: rejection-sample index pairs instead of listing them all
+        if len(picked) == cap:
+            break
+        i, j = rng.randrange(len(chosen)), rng.randrange(len(rejected))
+        if (i, j) in tried:
+            continue
+        tried.add((i, j))
+        if not (skip_equal_answers and chosen[i].pred == rejected[j].pred):
+            picked.append((chosen[i], rejected[j]))
+    return picked
+
+
+def _key_seed(key: Key, rule: str) -> int:
+    text = json.dumps([rule, *key], ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class _KeyPlan(NamedTuple):
+    key: Key
+    positives: list[Entry]
+    correctness: list[tuple[Entry, Entry]]
+    format: list[tuple[Entry, Entry]]
+    neg_item: Entry | None
+
+
+def _plan(scan: _Scan, gt_pos: dict[Key, list[Entry]], cfg: PostprocessConfig,
+          stats: DatasetStats) -> list[_KeyPlan]:
+    plans = []
+    for key in sorted(scan.groups):
+        entries = scan.groups[key]
+        pos = [e for e in entries if e.label == POS]
+        neg = [e for e in entries if e.label == NEG]
+        fmt = [e for e in entries if e.label == FMT]
+        stats.all_correct_keys += bool(pos and not neg and not fmt)
+        stats.all_wrong_keys += bool(not pos and (neg or fmt))
+        neg_item = min(neg, key=lambda e: (e.digest, e.offset)) if neg and not pos else None
+        if key in gt_pos and (cfg.force or not pos):
+            pos = pos + gt_pos[key]
+        cap = cfg.num_pairs_per_key
+        corr = select_pairs(pos, neg, cap, _key_seed(key, "correctness"), True) if pos and neg else []
+        form = select_pairs(pos, fmt, cap, _key_seed(key, "format"), False) if pos and fmt else []
+        if pos or neg_item:
+            plans.append(_KeyPlan(key, sorted(pos, key=lambda e: (e.digest, e.src, e.offset)), corr, form,
+                                  neg_item))
+        stats.correctness_pairs += len(corr)
+        stats.format_pairs += len(form)
+        stats.neg_items += neg_item is not None
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+class _Records:
+    """Re-reads records by (source, byte offset); judged positives come back with ``answer_pred``."""
+
+    def __init__(self, paths: list[Path], mode: str, answer_fix: bool) -> None:
+        self._files = [open(p, "rb") for p in paths]  # noqa: SIM115 (closed in close())
+        self._mode, self._answer_fix = mode, answer_fix
+
+    def record(self, entry: Entry) -> dict:
+        fh = self._files[entry.src]
+        fh.seek(entry.offset)
+        return json.loads(fh.readline())
+
+    def positive(self, entry: Entry) -> dict:
+        """The record of a judged positive as written: ``answer_pred`` added, ``--answer-fix`` applied.
+        Extraction and the fix are deterministic, so nothing is re-judged (no math-verify here)."""
+        record = self.record(entry)
+        version = record.get("prompt_version", "en")
+        result = extract_answer(record["response"], version)
+        record["answer_pred"] = result.answer
+        if self._answer_fix and (fixed := _apply_fix(record["response"], result, _answers(record), version,
+                                                     self._mode)):
+            record["response"], record["answer_pred"] = fixed
+        return record
+
+    def close(self) -> None:
+        for fh in self._files:
+            fh.close()
+
+
+def _pair_rows(plans: list[_KeyPlan], records: _Records, rule: str) -> Iterator[dict]:
+    for plan in plans:
+        pairs = plan.correctness if rule == "correctness" else plan.format
+        loaded: dict[Entry, dict] = {}  # a response takes part in several pairs of its key: read it once
+        rows = []
+        for pos, neg in pairs:
+            if pos not in loaded:
+                loaded[pos] = records.positive(pos)
+            if neg not in loaded:
+                loaded[neg] = records.record(neg)
+            chosen, rejected = loaded[pos], loaded[neg]
+            row: dict[str, Any] = {"image": chosen["image"]} if chosen.get("image") else {}
+            row.update(question=plan.key[1], chosen=chosen["response"], rejected=rejected["response"],
+                       answer_gt=plan.key[2])
+            if "meta" in chosen:
+                row["chosen_meta"] = chosen["meta"]
+            if "meta" in rejected:
+                row["rejected_meta"] = rejected["meta"]
+            rows.append(row)
+        rows.sort(key=lambda r: (r["chosen"], r["rejected"]))
+        yield from rows
+
+
+def _pos_rows(plans: list[_KeyPlan], records: _Records) -> Iterator[dict]:
+    for plan in plans:
+        for entry in plan.positives:
+            yield records.positive(entry)
+
+
+def _neg_rows(plans: list[_KeyPlan], records: _Records) -> Iterator[dict]:
+    """Hard questions as valid Stage-1 input: ``question`` is the original question, never the prompt."""
+    for plan in plans:
+        if plan.neg_item is not None:
+            record = records.record(plan.neg_item)
+            row: dict[str, Any] = {"image": record["image"]} if record.get("image") else {}
+            row.update(question=plan.key[1], answer=record["answer"])
+            if "meta" in record:
+                row["meta"] = record["meta"]
+            yield row
+
+
+class _Writer:
+    """Writes output files of one dataset from its plans, each atomically (``mpo.fsio``)."""
+
+    def __init__(self, plans: list[_KeyPlan], sources: list[Path], mode: str, answer_fix: bool) -> None:
+        self._plans, self._records = plans, _Records(sources, mode, answer_fix)
+
+    def write(self, kind: str, dest: Path) -> int:
+        plans, records = self._plans, self._records
+        rows = (_pos_rows(plans, records) if kind == "pos_items" else _neg_rows(plans, records)
+                if kind == "neg_items" else _pair_rows(plans, records, kind))
+        return atomic_write_jsonl(dest, rows)
+
+    def close(self) -> None:
+        self._records.close()
+
+
+_POOL_WRITER: _Writer | None = None  # one per pool worker, built by the pool's initializer
+
+
+def _init_pool_writer(*args: Any) -> None:
+    global _POOL_WRITER
+    _POOL_WRITER = _Writer(*args)
+
+
+def _pool_write(job: tuple[str, Path]) -> int:
+    assert _POOL_WRITER is not None
+    return _POOL_WRITER.write(*job)
+
+
+def _write_outputs(plans: list[_KeyPlan], sources: list[Path], mode: str, cfg: PostprocessConfig,
+                   paths: dict[str, Path]) -> None:
+    """The four files, written by up to ``cfg.workers`` processes (one file each at a time): pass 2 is
+    JSON parsing and encoding, as costly as judging. The plans reach the workers through the pool's
+    initializer, which a fork start inherits without pickling."""
+    jobs = [(kind, paths[kind]) for kind in ("pos_items", "correctness", "format", "neg_items")]
+    args = (plans, sources, mode, cfg.answer_fix)
+    if cfg.workers == 1:
+        writer = _Writer(*args)
+        try:
+            for job in jobs:
+                writer.write(*job)
+        finally:
+            writer.close()
+        return
+    with ProcessPoolExecutor(min(cfg.workers, len(jobs)), initializer=_init_pool_writer, initargs=args) as pool:
+        list(pool.map(_pool_write, jobs))
+
+
+def output_paths(save_dir: Path, ds: str) -> dict[str, Path]:
+    """The four files written for dataset ``ds`` (the seed's layout)."""
+    save_dir = Path(save_dir)
+    return {"correctness": save_dir / "raw" / f"{ds}_pairs_vqa_correctness_rules.jsonl",
+            "format": save_dir / "raw" / f"{ds}_pairs_vqa_format_rules.jsonl",
+            "pos_items": save_dir / "pos_items" / f"{ds}.jsonl",
+            "neg_items": save_dir / "neg_items" / f"{ds}.jsonl"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _file_id(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _settings(cfg: PostprocessConfig, mode: str) -> dict[str, Any]:
+    """What the outputs depend on besides the input file; a change means recompute."""
+    gt = _file_id(Path(cfg.gt_responses)) if cfg.gt_responses else None
+    return {"judge_version": JUDGE_VERSION, "mode": mode, "num_pairs_per_key": cfg.num_pairs_per_key,
+            "max_lines": cfg.max_lines, "answer_fix": cfg.answer_fix, "force": cfg.force, "gt_responses": gt,
+            "timeout": cfg.timeout}
+
+
+def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]], mode: str) -> DatasetStats:
+    stats = DatasetStats(dataset=path.stem)
+    scan = _scan_file(path, 0, mode, cfg, cfg.max_lines)
+    stats.lines, stats.malformed, stats.errors = scan.lines, scan.malformed, scan.errors
+    stats.format_reasons = dict(sorted(scan.reasons.items()))
+    labels = Counter(e.label for entries in scan.groups.values() for e in entries)
+    stats.positives, stats.negatives, stats.format_negatives = labels[POS], labels[NEG], labels[FMT]
+    stats.keys = len(scan.groups)
+    plans = _plan(scan, gt_pos, cfg, stats)
+    del scan  # the plans hold the few entries that are written; the rest can go before pass 2
+    sources = [path] + ([Path(cfg.gt_responses)] if cfg.gt_responses else [])
+    _write_outputs(plans, sources, mode, cfg, output_paths(cfg.save_dir, path.stem))
+    return stats
+
+
+def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Key, list[Entry]]]
+                  ) -> dict[Key, list[Entry]]:
+    """Judged positives of ``--gt-responses`` (source 1), by key; judged once per checking mode."""
+    if cfg.gt_responses is None:
+        return {}
+    if mode not in cache:
+        scan = _scan_file(Path(cfg.gt_responses), 1, mode, cfg, 1 << 62)
+        cache[mode] = {k: pos for k, v in scan.groups.items() if (pos := [e for e in v if e.label == POS])}
+    return cache[mode]
+
+
+def _read_manifest(path: Path, log: Callable[[str], None]) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        log(f"warning: {path}: not valid JSON ({err}); every dataset is recomputed")
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) -> list[DatasetStats]:
+    """Process every ``*.jsonl`` of ``cfg.data_dir`` (sorted by name); returns one stats row per file.
+
+    A file whose manifest entry matches its size, mtime and the settings, and whose outputs exist, is
+    skipped unless ``overwrite``; a dataset with zero pairs is recorded like any other (empty files).
+    """
+    if cfg.force and cfg.gt_responses is None:
+        log("warning: --force has no effect without --gt-responses (there are no reference responses to add)")
+    manifest_path = cfg.save_dir / "manifest.json"
+    manifest = _read_manifest(manifest_path, log)
+    datasets = manifest.setdefault("datasets", {})
+    files = sorted(p for p in Path(cfg.data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
+    if not files:
+        log(f"warning: no *.jsonl files in {cfg.data_dir}")
+    results, gt_cache = [], {}
+    for path in files:
+        mode = mode_for_dataset(path.stem)
+        source, settings = _file_id(path), _settings(cfg, mode)
+        done = datasets.get(path.stem)
+        outputs = output_paths(cfg.save_dir, path.stem).values()
+        if (not cfg.overwrite and done and done.get("source") == source
+                and done.get("settings") == settings and all(p.is_file() for p in outputs)):
+            stats = DatasetStats(**{**done["counts"], "dataset": path.stem, "skipped": True})
+        else:
+            stats = _process(path, cfg, _gt_positives(cfg, mode, gt_cache), mode)
+            counts = {k: v for k, v in asdict(stats).items() if k not in ("dataset", "skipped", "errors")}
+            datasets[path.stem] = {"source": source, "settings": settings, "counts": counts,
+                                   "outputs": [str(p.relative_to(cfg.save_dir)) for p in outputs]}
+            atomic_write_json(manifest_path, manifest)
+        for message in stats.errors:
+            log(f"malformed: {message}")
+        if stats.malformed > len(stats.errors) and not stats.skipped:
+            log(f"malformed: ... {stats.malformed - len(stats.errors)} more in {path}")
+        log(stats.summary())
+        results.append(stats)
+    return results
+
