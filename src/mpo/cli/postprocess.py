@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from mpo.generate.postprocess import PostprocessConfig, run_postprocess
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -34,6 +33,8 @@ def correctness(
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds allowed per math-verify comparison."),
 ) -> None:
     """Judge sampled responses and build chosen/rejected pairs (InternVL MMPR layout)."""
+    from mpo.generate.postprocess import PostprocessConfig, run_postprocess  # lazy: keeps `mpo --help` fast
+
     try:
         cfg = PostprocessConfig(data_dir=data_dir, save_dir=save_dir, answer_fix=answer_fix, force=force,
                                 gt_responses=gt_responses, num_pairs_per_key=num_pairs_per_key,
