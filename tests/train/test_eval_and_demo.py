@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_config
+from train_helpers import run_config
 from typer.testing import CliRunner
 
 from mpo.cli import app

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from train_helpers import run_config
 
-from conftest import run_config
 from mpo.config import ConfigError
 from mpo.train.recipe import TrainingError, run_train, setup, train
 

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
+from train_helpers import run_config
 
-from conftest import run_config
 from mpo.train.precompute import run_precompute
 from mpo.train.recipe import TrainingError, run_train
 from mpo.train.refcache import read_parts

@@ -131,7 +131,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
     rejects = RejectedRowLog(out / "rejected_rows.jsonl")
-    _require_usable_rows(dataset, cfg, rejects)
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if latest is None:  # a resumed run checked its data when it started
+        _require_usable_rows(dataset, cfg, rejects)
 
     order = ResumableOrder(len(dataset), per_device=tc.per_device_batch_size, accumulation=tc.gradient_accumulation_steps,
                            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.data.seed)
@@ -149,11 +151,10 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
 
     delta = RunningMean(all_reduce=_mean_over_ranks(accelerator))
     start_step, position = 0, DataPosition()
-    latest = ckpt.latest_checkpoint(out) if resume else None
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
-        start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta)
+        start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
     order.start = position
     collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
@@ -211,7 +212,8 @@ def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: Rejecte
                         f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
 
 
-def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta) -> tuple[int, DataPosition]:
+def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
+             rejects: RejectedRowLog) -> tuple[int, DataPosition]:
     model = accelerator.unwrap_model(scorer).model
     if hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
         from peft import set_peft_model_state_dict
@@ -225,6 +227,7 @@ def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler,
         del saved
     trainer_state = ckpt.load_training_state(path, optimizer=optimizer, scheduler=scheduler)
     delta.load_state_dict(trainer_state["delta"])
+    rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
     pos = trainer_state["position"]
     return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])
 
@@ -354,7 +357,7 @@ def save(run: Run, step: int) -> None:
         pos = _position(run, step)
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
-                 "skipped_rows": run.rejects.total}
+                 "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts)}
         ckpt.save_checkpoint(out, step, model=acc.unwrap_model(run.scorer).model, optimizer=run.optimizer,
                              scheduler=run.scheduler, trainer_state=state, config_text=run.config_text)
         ckpt.prune_checkpoints(out, run.cfg.train.save_total_limit)
