@@ -67,6 +67,26 @@ def test_every_number_table_in_the_docs_is_generated():
                 pytest.fail(f"{doc.name}: hand-written table row with numbers: {line}")
 
 
+# Numbers in the prose that look computed: ranges (162–185), ratios (2.57×), sizes (71.5 GiB, 17.1 GB, 256 MiB),
+# hours, billions with decimals (3.35B). Inputs (the seed's settings, config values, %) are not matched.
+NUM = r"\d(?:[\d,]*\d)?"
+COMPUTED = re.compile(rf"(?<![§\w.])({NUM}(?:\.\d+)?–{NUM}(?:\.\d+)?)(?![\d%]| %)"
+                      rf"|(?<![\w.])({NUM}\.\d+)(?=×|B\b| GiB| GB)"
+                      rf"|(?<![\w.])({NUM})(?= MiB| GPU-hours| hours|-token mean)")
+
+
+def test_numbers_in_the_prose_come_from_the_script():
+    output = "\n".join(plan.render(name) for name in plan.SECTIONS)
+    checked = 0
+    for doc in DOCS:
+        prose = re.sub(r"```.*?```", "", plan.BLOCK.sub("", _text(doc)), flags=re.S)
+        for m in COMPUTED.finditer(prose):
+            figure = next(g for g in m.groups() if g)
+            assert figure in output, f"{doc.name}: {figure!r} in the text is not printed by capacity_plan.py"
+            checked += 1
+    assert checked >= 10
+
+
 def test_write_docs_is_idempotent():
     assert plan.write_docs() == []
 
@@ -249,6 +269,19 @@ def test_named_repository_paths_exist():
     for doc in DOCS:  # relative links between docs
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", _text(doc)):
             assert (doc.parent / link).exists(), f"{doc.name} links to {link}, which does not exist"
+
+
+def _slugs(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", _text(path), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_anchors_between_the_docs_exist():
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", _text(doc)):
+            path = (doc.parent / target) if target else doc
+            assert anchor in _slugs(path), f"{doc.name} links to {target}#{anchor}, which has no such heading"
 
 
 def test_fsdp2_config_is_an_accelerate_fsdp2_file():
