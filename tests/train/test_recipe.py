@@ -136,6 +136,8 @@ def test_lora_reference_is_the_model_with_adapters_off(demo_model, demo_data, tm
     torch.testing.assert_close(policy.chosen_logps, ref.chosen_logps)
     trainable = sum(p.numel() for p in run.scorer.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in run.scorer.parameters()) // 5
+    adapted = [n for n, _ in run.scorer.named_parameters() if "lora_" in n]
+    assert adapted and all("language_model" in n for n in adapted)  # never the vision tower's q_proj/v_proj
 
 
 def test_global_batch_size_derives_accumulation(demo_model, demo_data, tmp_path):

@@ -123,6 +123,10 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         model = add_lora(model, cfg.model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.dtype == "bfloat16" and accelerator.distributed_type.value not in ("DEEPSPEED", "FSDP"):
+        log.warning("model.dtype=bfloat16 without DeepSpeed/FSDP: AdamW updates smaller than bf16's resolution "
+                    "are lost (at lr 2e-7, nearly all); use model.dtype=float32 with ACCELERATE_MIXED_PRECISION=bf16, "
+                    "or DeepSpeed (docs/launch.md#precision)")
     trainable, total = count_parameters(model)
     log.info("model %s: %.2f M parameters, %.2f M trainable", cfg.model.path, total / 1e6, trainable / 1e6)
 

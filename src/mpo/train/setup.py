@@ -125,8 +125,15 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     from peft import get_peft_model
 
     lora = cfg.lora
+    # q_proj/v_proj/... also name the vision tower's layers (InternViT, Qwen-VL's ViT): adapters go into the
+    # language model only, as the help text promises.
+    names = dict(model.named_modules())
+    parts = model_parts(model)
+    excluded = {name for name, mod in names.items() for part in (*parts.vision, *parts.projector)
+                if mod is part}
+    exclude = [n for n in names if any(n == e or n.startswith(e + ".") for e in excluded)]
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha or 2 * lora.r, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules, bias="none")
+                              target_modules=lora.target_modules, exclude_modules=exclude or None, bias="none")
     # PEFT freezes everything but the adapters: LoRA trains adapters only, as TRL's and ms-swift's recipes do.
     return get_peft_model(model, peft_cfg)
 
