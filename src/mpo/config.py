@@ -136,7 +136,7 @@ def _check_range(value: Any, meta: Any, key: str) -> None:
         return
     checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
-    for name, ok, sym in checks:
+    for name, ok, _sym in checks:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
             ranges = [f"{s} {meta[n]}" for n, _, s in checks if meta.get(n) is not None]
@@ -186,7 +186,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = [p for p in dotted.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:  # includes !!python/... tags, which the safe loader refuses
+            raise ConfigError(f"override {item!r}: not a YAML value: {str(exc).splitlines()[0]}") from None
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

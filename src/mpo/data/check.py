@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -119,11 +120,20 @@ class CheckReport:
                 yield f"{d.name}:{p.line}: {p.field or '-'}: {tag}{p.message}"
 
     def lines(self) -> list[str]:
-        """Problem lines, then the summary table."""
+        """Problem lines, then the summary table; control characters from the data are shown escaped."""
         out = list(self.problem_lines())
         if self.datasets:
             out += ([""] if out else []) + _table(self)
-        return out
+        return [_printable(line) for line in out]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Dataset names, paths and row text can hold terminal escape sequences (``\\x1b]...``): a report printed to
+    a terminal shows them as ``\\xNN`` instead of letting the data drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def run_check(meta_path: str | Path, *, processor: Any = None, max_length: int | None = None, workers: int = 1,

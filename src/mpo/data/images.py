@@ -9,7 +9,7 @@ drops one row with a reason instead of crashing a worker or silently swapping in
   ``DecompressionBombWarning``/``Error`` become our ``ImageError``. ``None`` turns the limit off.
 * Orientation: ``ImageOps.exif_transpose``. Colour: converted to RGB; an alpha channel is composited onto white
   (as the Hugging Face image processors do; InternVL drops alpha, which shows whatever colour the
-  transparent pixels happen to store).
+  transparent pixels happen to store); 16-bit grey keeps its top 8 bits (PIL would clip it at 255).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mpo.data.errors import ImageError
@@ -30,6 +31,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 _PIL_LOCK = threading.Lock()
 _ROTATES = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _ORIENTATION = 0x0112
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def resolve_image_path(root: str | Path, rel: str, *, dataset: str, line: int, field: str = "image",
@@ -37,11 +39,16 @@ def resolve_image_path(root: str | Path, rel: str, *, dataset: str, line: int, f
     """The real (symlink-free) path of ``rel`` under ``root``; raises ``ImageError`` if it escapes ``root``."""
     if "://" in rel:
         raise ImageError(dataset, line, field, f"remote paths are not supported: {rel!r}")
+    if "\x00" in rel:
+        raise ImageError(dataset, line, field, f"{rel!r} contains a NUL character, which no file name can hold")
     rel_path = Path(rel)
     if rel_path.is_absolute() and not allow_outside_root:
         raise ImageError(dataset, line, field, f"{rel!r} is an absolute path; paths must be relative to the "
                                                f"dataset root (or set allow_outside_root: true)")
-    real = Path(os.path.realpath(Path(root) / rel_path))
+    try:
+        real = Path(os.path.realpath(Path(root) / rel_path))
+    except UnicodeEncodeError:  # a lone surrogate: no file name on disk can match it
+        raise ImageError(dataset, line, field, f"{rel!r} is not valid Unicode (lone surrogate)") from None
     if not allow_outside_root:
         real_root = Path(os.path.realpath(root))
         if not real.is_relative_to(real_root):
@@ -79,9 +86,13 @@ def image_size(root: str | Path, rel: str, *, dataset: str, line: int, field: st
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparent pixels become white."""
+    """Convert any PIL mode to RGB; transparent pixels become white; 16-bit grey is scaled to 8 bits."""
     if img.mode == "RGB":
         return img
+    if img.mode in _SIXTEEN_BIT:
+        # PIL's own conversion clips at 255, which turns a 16-bit grey image (PNG, TIFF) almost all white.
+        grey = np.asarray(img, dtype=np.uint16) >> 8
+        return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +81,13 @@ def read_meta_entries(path: str | Path) -> list[MetaEntry]:
     if not data:
         raise MetaError(f"{path}: the meta file lists no dataset")
     base = path.resolve().parent
-    return [_read_entry(str(name), raw, base) for name, raw in data.items()]
+    entries = [_read_entry(str(name), raw, base) for name, raw in data.items()]
+    for entry in entries:
+        if entry.name in getattr(data, "repeated", ()):
+            entry.spec, entry.error_field = None, None
+            entry.error = ("this dataset name appears more than once in the meta file; JSON keeps only the last "
+                           "entry, so rename one of them")
+    return entries
 
 
 def read_meta(path: str | Path) -> list[DatasetSpec]:
@@ -109,9 +116,35 @@ def _load_json(path: Path) -> object:
     except OSError as exc:
         raise MetaError(f"{path}: cannot read the meta file: {exc.strerror}") from None
     try:
-        return json.loads(text)
+        data = json.loads(text, object_pairs_hook=_Object.from_pairs)
     except json.JSONDecodeError as exc:
         raise MetaError(_json_error_message(path, text, exc)) from None
+    except RecursionError:  # thousands of nested [ or {: the C decoder stops at Python's recursion limit
+        raise MetaError(f"{path}: not usable JSON: nested too deeply") from None
+    except ValueError as exc:  # CPython refuses integers of more than 4300 digits (int_max_str_digits)
+        raise MetaError(f"{path}: not usable JSON: {str(exc).split(';')[0]}") from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON may escape half a UTF-16 pair; such a name or path cannot be printed, hashed or opened later.
+        raise MetaError(f"{path}: not valid Unicode: a \\ud800-\\udfff escape without its other half "
+                        "(lone surrogate)") from None
+    return data
+
+
+class _Object(dict):
+    """A JSON object that remembers its repeated keys: ``json`` silently keeps the last of them, which for a
+    meta file would drop a whole dataset (or a setting) without a word."""
+
+    repeated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _Object:
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            counts = Counter(k for k, _ in pairs)
+            obj.repeated = tuple(k for k, n in counts.items() if n > 1)
+        return obj
 
 
 def _json_error_message(path: Path, text: str, exc: json.JSONDecodeError) -> str:
@@ -128,7 +161,9 @@ def _json_error_message(path: Path, text: str, exc: json.JSONDecodeError) -> str
 
 
 def _kind(value: object) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    if isinstance(value, dict):  # _Object included
+        return "an object"
+    names = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
 
@@ -147,6 +182,10 @@ def _read_entry(name: str, raw: object, base: Path) -> MetaEntry:
         return MetaEntry(name, None, f"expected an object with root and annotation, got {_kind(raw)}", None)
     warnings = [(k, "unknown key, ignored (known keys: " + ", ".join(KNOWN_KEYS) + ")")
                 for k in raw if k not in KNOWN_KEYS]
+    repeated = getattr(raw, "repeated", ())
+    if repeated:
+        return MetaEntry(name, None, "appears more than once in this entry; JSON keeps only the last value, "
+                                     "so delete the other", repeated[0], warnings)
     try:
         spec = _build_spec(name, raw, base)
     except _EntryError as exc:
@@ -164,7 +203,7 @@ def _build_spec(name: str, raw: dict, base: Path) -> DatasetSpec:
         raise _EntryError("repeat_time", f"must be a number >= 0, got {json.dumps(repeat)}")
     if repeat < 0:
         raise _EntryError("repeat_time", f"must be >= 0 (0 skips the dataset), got {json.dumps(repeat)}")
-    if repeat > 0 and not annotation.is_file():
+    if repeat > 0 and not _is_file(annotation):
         raise _EntryError("annotation", f"file not found: {annotation}")
     mdp = raw.get("max_dynamic_patch")
     if mdp is not None and (not isinstance(mdp, int) or isinstance(mdp, bool) or mdp < 1):
@@ -191,4 +230,16 @@ def _path_field(raw: dict, key: str, base: Path) -> Path:
         raise _EntryError(key, f"must be a non-empty path string, got {json.dumps(value)}")
     if "://" in value:
         raise _EntryError(key, f"remote paths are not supported, got {value!r}; download the data first")
-    return (base / Path(value).expanduser()).resolve()
+    if "\x00" in value:
+        raise _EntryError(key, f"contains a NUL character, which no path can hold: {value!r}")
+    try:
+        return (base / Path(value).expanduser()).resolve()
+    except RuntimeError:  # "~name/..." for a user this machine does not have
+        raise _EntryError(key, f"cannot expand {value!r}: no such user's home folder") from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the filesystem allows (ENAMETOOLONG): it cannot be a file
+        return False

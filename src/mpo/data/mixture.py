@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mpo.data.errors import MetaError
 from mpo.data.images import DEFAULT_MAX_PIXELS, load_image
 from mpo.data.index import AnnotationIndex
 from mpo.data.meta import DatasetSpec
@@ -37,6 +38,8 @@ from mpo.data.records import tile_budget as _tile_budget
 __all__ = ["PreferenceMixture", "RowSelection", "select_rows"]
 
 log = logging.getLogger(__name__)
+
+_MAX_ROWS = 2**62  # mixture indices are int64; checked per dataset and for the sum
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ def select_rows(n_rows: int, repeat_time: float, *, seed: int, name: str) -> Row
         raise ValueError(f"{name}: repeat_time must be a finite number >= 0, got {repeat_time}")
     copies = int(repeat_time)
     total = math.floor(n_rows * Fraction(repr(float(repeat_time))))
+    if total > _MAX_ROWS:  # a typo such as 1e30; item indices are int64
+        raise MetaError(f"{name}: repeat_time {repeat_time:g} x {n_rows} rows = {total:.3g} rows, more than the "
+                        f"{_MAX_ROWS:.3g} a mixture can index")
     k = total - copies * n_rows
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     extra = np.sort(rng.choice(n_rows, size=k, replace=False)) if k else np.zeros(0, dtype=np.int64)
@@ -98,7 +104,11 @@ class PreferenceMixture:
                             spec.annotation)
             self._indexes.append(index)
             self._selections.append(select_rows(n_rows, spec.repeat_time, seed=seed, name=spec.name))
-        self._offsets = np.cumsum([0] + [len(s) for s in self._selections]).astype(np.int64)
+        sizes = [len(s) for s in self._selections]
+        if sum(sizes) > _MAX_ROWS:  # np.cumsum would wrap around silently
+            raise MetaError(f"the datasets hold {sum(sizes):.3g} rows after repeat_time, more than the "
+                            f"{_MAX_ROWS:.3g} a mixture can index")
+        self._offsets = np.cumsum([0] + sizes).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

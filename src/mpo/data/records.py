@@ -22,15 +22,18 @@ Blank lines are skipped by the index (they are not rows and not errors); see ``m
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mpo.data.errors import RowError
 
-__all__ = ["IMAGE_PLACEHOLDER", "PreferenceRecord", "parse_row", "tile_budget", "normalise_question"]
+__all__ = ["IMAGE_PLACEHOLDER", "PreferenceRecord", "parse_row", "tile_budget", "normalise_question", "decode_json_row"]
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROW_KEYS = ("image", "question", "chosen", "rejected", "system_prompt")
+# Only rows whose text holds such an escape pay for the full Unicode check (``_require_unicode``).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def parse_row(raw: bytes | str, dataset: str, line: int) -> tuple[PreferenceReco
     Raises:
         RowError: the first problem that makes the row unusable, naming its field.
     """
-    obj = _decode(raw, dataset, line)
+    obj = decode_json_row(raw, dataset, line)
     images = _images(obj.get("image"), dataset, line)
     text = {k: _text(obj, k, dataset, line) for k in ("question", "chosen", "rejected")}
     for key in ("chosen", "rejected"):
@@ -131,7 +134,9 @@ def _kind(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _decode(raw: bytes | str, dataset: str, line: int) -> dict:
+def decode_json_row(raw: bytes | str, dataset: str, line: int) -> dict:
+    """One JSONL line → a dict, or a :class:`RowError` naming the line (bad UTF-8/JSON, too deep, huge numbers,
+    lone surrogates, not an object). Shared by the preference rows and the generation prompt files."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -142,9 +147,35 @@ def _decode(raw: bytes | str, dataset: str, line: int) -> dict:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise RowError(dataset, line, None, f"not valid JSON at column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # thousands of nested [ or {: the C decoder stops at Python's recursion limit
+        raise RowError(dataset, line, None, "not usable JSON: nested too deeply") from None
+    except ValueError as exc:  # CPython refuses integers of more than 4300 digits (int_max_str_digits)
+        raise RowError(dataset, line, None, f"not usable JSON: {str(exc).split(';')[0]}") from None
     if not isinstance(obj, dict):
         raise RowError(dataset, line, None, f"expected a JSON object, got {_kind(obj)}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _require_unicode(obj, dataset, line)
     return obj
+
+
+def _require_unicode(obj: dict, dataset: str, line: int) -> None:
+    """JSON may escape half a UTF-16 pair (``"\\ud800"``); Python then holds a string that cannot be encoded, and
+    the tokenizer, a log line or an output file would fail on it far from this row. Refuse the row here."""
+    for key, value in obj.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            name = key if _encodable(key) else None
+            raise RowError(dataset, line, name, "is not valid Unicode: a \\ud800-\\udfff escape without its "
+                                                "other half (lone surrogate)") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text(obj: dict, key: str, dataset: str, line: int) -> str:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from mpo.data.errors import ImageError, RowError
 from mpo.data.images import load_image, resolve_image_path
+from mpo.data.records import decode_json_row
 
 __all__ = [
     "PromptFile",
@@ -140,12 +141,7 @@ def load_item_images(prompts: PromptFile, item: PromptItem) -> list[Image.Image]
 
 def _parse(text: str, line: int, dataset: str, required: Sequence[str], prepare: Callable[[dict[str, Any], int], str],
            id_fields: Sequence[str], root: Path, allow_outside_root: bool) -> PromptItem:
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RowError(dataset, line, None, f"not valid JSON at column {exc.colno}: {exc.msg}") from None
-    if not isinstance(row, dict):
-        raise RowError(dataset, line, None, f"expected a JSON object, got {type(row).__name__}")
+    row = decode_json_row(text, dataset, line)  # the data layer's hardened decoder: deep, huge, surrogates
     for key in required:
         if row.get(key) is None:
             raise RowError(dataset, line, key, "is missing")
