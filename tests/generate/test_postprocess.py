@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mpo.cli.postprocess import app
-from mpo.generate import postprocess as pp
+from mpo.generate import scan
 from mpo.generate.postprocess import Entry, PostprocessConfig, output_paths, run_postprocess, select_pairs
 
 R = "Step 1: read the figure.\nStep 2: compute the value.\n"
@@ -211,9 +211,9 @@ def test_output_is_identical_across_runs_and_through_the_pool(tmp_path: Path, mo
     logs_c: list[str] = []
     run(tmp_path, "a", logs_a, num_pairs_per_key=2)
     run(tmp_path, "b", num_pairs_per_key=2)
-    monkeypatch.setattr(pp, "_MIN_CHUNK_BYTES", 256)  # several byte ranges, judged by 2 processes
-    monkeypatch.setattr(pp, "_READ_BLOCK", 512)
-    assert len(pp._byte_ranges(tmp_path / "data" / "geoqa.jsonl", 100, 256)) > 4
+    monkeypatch.setattr(scan, "_MIN_CHUNK_BYTES", 256)  # several byte ranges, judged by 2 processes
+    monkeypatch.setattr(scan, "_READ_BLOCK", 512)
+    assert len(scan._byte_ranges(tmp_path / "data" / "geoqa.jsonl", 100, 256)) > 4
     run(tmp_path, "c", logs_c, num_pairs_per_key=2, workers=2)
     assert logs_c == logs_a  # same counts, same file:line for the malformed lines
     for kind, path_a in output_paths(tmp_path / "a", "geoqa").items():
@@ -226,12 +226,12 @@ def test_output_is_identical_across_runs_and_through_the_pool(tmp_path: Path, mo
 def test_byte_ranges_cut_at_newlines_with_line_numbers(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"aaaa\nbb\ncccccc\nd\neeeee")  # 22 bytes; the last line has no newline
-    assert pp._byte_ranges(path, 100, 1 << 20) == [(0, 22, 1)]
-    assert pp._byte_ranges(path, 3, 1 << 20) == [(0, 15, 1)]  # stops after the third newline
-    monkeypatch.setattr(pp, "_READ_BLOCK", 8)  # blocks "aaaa\nbb\n", "cccccc\nd", "\neeeee"
-    assert pp._byte_ranges(path, 100, 1) == [(0, 8, 1), (8, 15, 3), (15, 17, 4), (17, 22, 5)]
-    assert pp._byte_ranges(path, 3, 1) == [(0, 8, 1), (8, 15, 3)]
-    assert pp._byte_ranges(path, 100, 10) == [(0, 15, 1), (15, 22, 4)]
+    assert scan._byte_ranges(path, 100, 1 << 20) == [(0, 22, 1)]
+    assert scan._byte_ranges(path, 3, 1 << 20) == [(0, 15, 1)]  # stops after the third newline
+    monkeypatch.setattr(scan, "_READ_BLOCK", 8)  # blocks "aaaa\nbb\n", "cccccc\nd", "\neeeee"
+    assert scan._byte_ranges(path, 100, 1) == [(0, 8, 1), (8, 15, 3), (15, 17, 4), (17, 22, 5)]
+    assert scan._byte_ranges(path, 3, 1) == [(0, 8, 1), (8, 15, 3)]
+    assert scan._byte_ranges(path, 100, 10) == [(0, 15, 1), (15, 22, 4)]
 
 
 def test_answer_fix_rewrites_correct_option_answers_only(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ its answers depend only on the inputs). Two steps:
 2. ``check_answer(pred, gt, mode)`` decides correctness with cheap, exact rules first (option letters,
    yes/no, normalised strings, numbers) and calls math-verify only when both sides look mathematical.
    math-verify runs in a child process that is killed when it overruns ``timeout``: sympy can spend
-   minutes in C code on strings such as ``10^{10^{10}}``, where a signal-based alarm never fires.
+   minutes in C code on strings such as ``10^{10^{10}}``, where a signal-based alarm never fires. That
+   process guard lives in ``mpo.generate.mathcheck``.
 
 Example: the ``en_v2`` response ``"Half of the unit square.\nAnswer: \boxed{\frac{1}{2}}"`` gives
 ``ExtractResult(answer="\frac{1}{2}", reason=None, span=(40, 51))``; ``check_answer("\frac{1}{2}", "0.5")``
@@ -19,15 +20,12 @@ is True, ``check_answer("2.5", "2")`` is False and a response without a box give
 
 from __future__ import annotations
 
-import atexit
 import functools
-import logging
-import multiprocessing as mp
-import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from mpo.generate.mathcheck import _MATH  # math-verify in a killable child process
 
 __all__ = [
     "ANLS_THRESHOLD",
@@ -79,7 +77,8 @@ def _fail(reason: str) -> ExtractResult:
 # ----------------------------------------------------------------------------------------------------
 # Extraction
 
-_TRIGGER = re.compile(r"(?:\*\*)?(?:final answer|答案)\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?", re.IGNORECASE)
+# One \s* per gap (not "\s*(?:\*\*)?\s*"): two adjacent \s* backtrack quadratically on a long run of spaces.
+_TRIGGER = re.compile(r"(?:\*\*)?(?:final answer|答案)\s*(?:\*\*\s*)?[:：]\s*(?:\*\*)?", re.IGNORECASE)
 _BOX = re.compile(r"\\boxed\s*\{")
 _BRACE = re.compile(r"\\.|[{}]", re.DOTALL)
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
@@ -422,96 +421,3 @@ def fix_answer(response: str, result: ExtractResult, gt: Any, version: str) -> s
         head, sep, last = fixed.rpartition("\n")
         fixed = head + sep + last.replace("**", "")
     return fixed if fixed != response else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# math-verify behind a process guard
-
-
-def _serve_math(conn: Any) -> None:
-    """Child loop: answer ``(pred, gt)`` requests with math-verify's verdict until the pipe closes."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" notice: we time it
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    conn.send("ready")
-    while True:
-        try:
-            pred, gt = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            gold = parse(f"${gt.strip('$')}$", extraction_config=configs, parsing_timeout=None)
-            target = parse(f"${pred.strip('$')}$", extraction_config=configs, parsing_timeout=None)
-            verdict = bool(gold and target and verify(gold, target, timeout_seconds=None))
-        except Exception:  # any parser/sympy failure means "not shown equal"
-            verdict = False
-        conn.send(verdict)
-
-
-class _MathGuard:
-    """A long-lived child process running math-verify, replaced whenever a call overruns its limit.
-
-    A process (not ``signal.alarm``) because sympy's big-integer arithmetic runs in C and ignores
-    signals: ``2^{2^{30}}`` takes 10 s under a 1 s alarm. It also works from any thread. On fork
-    platforms math-verify is imported before forking, so a restarted child is ready in milliseconds.
-    """
-
-    START_TIMEOUT = 120.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proc: Any = None
-        self._conn: Any = None
-
-    def equal(self, pred: str, gt: str, timeout: float) -> bool:
-        with self._lock:
-            if self._proc is None and not self._start():
-                return False
-            try:
-                self._conn.send((pred, gt))
-                if self._conn.poll(timeout):
-                    return bool(self._conn.recv())
-            except (EOFError, OSError):
-                pass
-            self.stop()  # overran or died: the next call gets a fresh child
-            return False
-
-    def _start(self) -> bool:
-        methods = mp.get_all_start_methods()
-        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-        if ctx.get_start_method() == "fork":
-            import math_verify  # noqa: F401  (loaded once here, inherited by every forked child)
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_math, args=(child,), daemon=True, name="mpo-math-verify")
-        self._proc.start()
-        child.close()
-        try:
-            if self._conn.poll(self.START_TIMEOUT) and self._conn.recv() == "ready":
-                return True
-        except (EOFError, OSError):
-            pass
-        self.stop()
-        return False
-
-    def stop(self) -> None:
-        """Kill the child (if any); called on overrun and at interpreter exit."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.join()
-            self._conn.close()
-        self._proc = self._conn = None
-
-    def forget(self) -> None:
-        """In a forked process: drop the parent's child (it is not ours to use or kill) and start afresh,
-        so two processes never share one pipe (a process pool forks after the parent judged inline)."""
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
-        self._lock = threading.Lock()
-
-
-_MATH = _MathGuard()
-atexit.register(_MATH.stop)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_MATH.forget)

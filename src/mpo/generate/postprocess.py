@@ -12,6 +12,16 @@ A pair row is ``{"image"?, "question", "chosen", "rejected", "answer_gt", "chose
 "rejected_meta"?}``, where ``question`` is the *original* question (``question_orig``), not the
 instruction-wrapped prompt the model was sampled with: pairs train on what users ask.
 
+The run is split by role over three modules, each readable alone:
+
+* ``mpo.generate.postprocess`` (this module): the run: ``PostprocessConfig``, the per-file loop of
+  ``run_postprocess``, ``manifest.json`` (resume), ``--gt-responses``, and writing the four files;
+* ``mpo.generate.scan``: pass 1: reading the Stage-1 files, judging each line (``judge_record``) and
+  grouping the verdicts by key within bounded memory;
+* ``mpo.generate.pairs``: pair selection per key (``select_pairs``).
+
+Every public name of the three is importable from here, as it was before the split.
+
 How it stays within bounded memory on a 1.2-million-line file: pass 1 streams the file in byte ranges
 (one per process-pool task), judges each line and keeps only a small ``Entry`` per line (a digest of the
 response, the label, the normalised answer, the byte offset), grouped by key. Pass 2 walks the keys in
@@ -25,41 +35,38 @@ of the key; outputs are sorted by key, then by (chosen, rejected).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from mpo.data.errors import RowError
 from mpo.fsio import atomic_write_json, atomic_write_jsonl
-from mpo.generate.answers import (
-    PROMPT_VERSIONS,
-    ExtractResult,
-    check_answer,
-    extract_answer,
-    fix_answer,
-    mode_for_dataset,
-    normalize_answer,
+from mpo.generate.answers import extract_answer, mode_for_dataset
+from mpo.generate.pairs import _KeyPlan, _plan, select_pairs
+from mpo.generate.scan import (
+    FMT,
+    MAX_LOGGED_ERRORS,  # noqa: F401 (re-exported)
+    NEG,
+    POS,
+    Entry,
+    Judgement,
+    Key,
+    _answers,
+    _apply_fix,
+    _scan_file,
+    judge_record,
 )
 
+# Entry, Judgement, judge_record, select_pairs (and POS/NEG/FMT, Key, MAX_LOGGED_ERRORS) moved to scan.py
+# and pairs.py; they are re-exported here, so imports from this module keep working.
 __all__ = ["DatasetStats", "Entry", "Judgement", "PostprocessConfig", "judge_record", "output_paths",
            "run_postprocess", "select_pairs"]
 
-POS, NEG, FMT = 1, 0, 2
 JUDGE_VERSION = 1
 """Bump when judging changes, so that ``manifest.json`` entries of older runs are recomputed."""
-MAX_LOGGED_ERRORS = 20
-_ENUMERATE_LIMIT = 1 << 16  # candidate pairs materialised per key; above this, sample index pairs
-_MIN_CHUNK_BYTES = 1 << 20  # smaller pool tasks cost more in start-up and pickling than they save
-_READ_BLOCK = 1 << 22  # pass 0 counts newlines block by block; ranges are cut at block ends
-
-Key = tuple[str, str, str]
-"""``(image as JSON text or "", question_orig, answer as text)``."""
 
 
 @dataclass(frozen=True)
@@ -120,287 +127,6 @@ class DatasetStats:
                 f"keys={self.keys} all_correct_keys={self.all_correct_keys} "
                 f"all_wrong_keys={self.all_wrong_keys} pairs: correctness={self.correctness_pairs} "
                 f"format={self.format_pairs} neg_items={self.neg_items}")
-
-
-class Entry(NamedTuple):
-    """What pass 1 keeps of one judged line: enough to pick pairs and to re-read the record."""
-
-    digest: int
-    label: int
-    pred: str
-    src: int
-    offset: int
-
-
-class Judgement(NamedTuple):
-    """Verdict on one record: ``label`` is POS/NEG/FMT; ``response`` is the text to train on (rewritten
-    by ``--answer-fix`` when that applied); ``reason`` names a format failure."""
-
-    label: int
-    answer_pred: str | None
-    reason: str | None
-    response: str
-
-
-class _Malformed(Exception):
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field_name, self.message = field_name, message
-
-
-# ----------------------------------------------------------------------------------------------------
-# Judging one record
-
-
-def judge_record(record: dict, mode: str, *, answer_fix: bool = False, timeout: float = 2.0) -> Judgement:
-    """Label one Stage-1 record. Truncated responses (``finish_reason == "length"``) and responses with
-    no extractable answer are format negatives, never positives. ``answer`` may be a list of accepted
-    answers. With ``answer_fix``, a *correct* response's answer is rewritten (``fix_answer``) and kept
-    only if the rewritten text is judged correct again."""
-    response, version = record["response"], record.get("prompt_version", "en")
-    if record.get("finish_reason") == "length":
-        return Judgement(FMT, None, "truncated", response)
-    result = extract_answer(response, version)
-    if result.answer is None:
-        return Judgement(FMT, None, result.reason, response)
-    answers = _answers(record)
-    if not any(check_answer(result.answer, gt, mode, timeout=timeout) for gt in answers):
-        return Judgement(NEG, result.answer, None, response)
-    if answer_fix and (fixed := _apply_fix(response, result, answers, version, mode)):
-        return Judgement(POS, fixed[1], None, fixed[0])
-    return Judgement(POS, result.answer, None, response)
-
-
-def _answers(record: dict) -> list[Any]:
-    return record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
-
-
-def _apply_fix(response: str, result: ExtractResult, answers: list[Any], version: str,
-               mode: str) -> tuple[str, str] | None:
-    """``(rewritten response, its answer)`` when ``fix_answer`` applies and the rewrite is judged correct
-    again. Only option-letter answers are rewritten, so this never reaches math-verify: it gives the
-    same result in pass 2 as in pass 1."""
-    for gt in answers:
-        fixed = fix_answer(response, result, gt, version)
-        again = extract_answer(fixed, version) if fixed else None
-        if again and again.answer and check_answer(again.answer, gt, mode):
-            return fixed, again.answer
-    return None
-
-
-def _key_of(record: Any) -> Key:
-    """Validate the fields pass 1 needs and build the group key (raises ``_Malformed``)."""
-    if not isinstance(record, dict):
-        raise _Malformed("-", f"expected a JSON object, got {type(record).__name__}")
-    if not isinstance(record.get("response"), str):
-        raise _Malformed("response", "missing" if "response" not in record else "not a string")
-    if record.get("answer") in (None, "", []):
-        raise _Malformed("answer", "missing or empty")
-    version = record.get("prompt_version", "en")
-    if version not in PROMPT_VERSIONS:
-        expected = ", ".join(PROMPT_VERSIONS)
-        raise _Malformed("prompt_version", f"unknown {version!r}; expected one of {expected}")
-    question = record.get("question_orig", record.get("question"))
-    if not isinstance(question, str):
-        raise _Malformed("question_orig", "missing (and no question)")
-    image, answer = record.get("image"), record["answer"]
-    image_key = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False) if image else ""
-    answer_key = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
-    return image_key, question, answer_key
-
-
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pass 1: stream byte ranges, judge, group
-
-
-@dataclass
-class _Scan:
-    groups: dict[Key, list[Entry]] = field(default_factory=dict)
-    lines: int = 0
-    malformed: int = 0
-    errors: list[str] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)
-
-    def merge(self, other: _Scan) -> None:
-        for key, entries in other.groups.items():
-            mine = self.groups.get(key)
-            if mine is None:
-                self.groups[key] = entries
-            else:
-                mine.extend(entries)
-        self.lines += other.lines
-        self.malformed += other.malformed
-        self.errors.extend(other.errors[: MAX_LOGGED_ERRORS - len(self.errors)])
-        self.reasons.update(other.reasons)
-
-
-class _Task(NamedTuple):
-    path: str
-    start: int
-    end: int
-    first_line: int
-    src: int
-    mode: str
-    answer_fix: bool
-    timeout: float
-
-
-def _scan_range(task: _Task) -> _Scan:
-    """Judge the lines in ``[start, end)`` of one file (a process-pool task)."""
-    out = _Scan()
-    with open(task.path, "rb") as fh:
-        fh.seek(task.start)
-        offset, line = task.start, task.first_line - 1
-        while offset < task.end:
-            raw = fh.readline()
-            if not raw:
-                break
-            here, offset, line = offset, offset + len(raw), line + 1
-            if not raw.strip():
-                continue
-            out.lines += 1
-            try:
-                record = json.loads(raw)
-                key = _key_of(record)
-                verdict = judge_record(record, task.mode, answer_fix=task.answer_fix, timeout=task.timeout)
-            except _Malformed as err:
-                _bad(out, task.path, line, err.field_name, err.message)
-                continue
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                _bad(out, task.path, line, "-", f"not valid JSON ({err})")
-                continue
-            except RecursionError:
-                _bad(out, task.path, line, "-", "not valid JSON (nested too deeply)")
-                continue
-            if verdict.reason:
-                out.reasons[verdict.reason] += 1
-            pred = normalize_answer(verdict.answer_pred) if verdict.answer_pred is not None else ""
-            entry = Entry(_digest(verdict.response), verdict.label, pred, task.src, here)
-            out.groups.setdefault(key, []).append(entry)
-    return out
-
-
-def _bad(out: _Scan, path: str, line: int, field_name: str, message: str) -> None:
-    out.malformed += 1
-    if len(out.errors) < MAX_LOGGED_ERRORS:
-        out.errors.append(str(RowError(path, line, field_name, message)))
-
-
-def _byte_ranges(path: Path, max_lines: int, chunk_bytes: int) -> list[tuple[int, int, int]]:
-    """``(start, end, first_line)`` ranges covering the first ``max_lines`` lines, cut after newlines."""
-    ranges, start, first, lines, pos = [], 0, 1, 0, 0
-    with open(path, "rb") as fh:
-        while lines < max_lines:
-            block = fh.read(_READ_BLOCK)
-            if not block:
-                break
-            n = block.count(b"\n")
-            if lines + n >= max_lines:  # the limit falls inside this block: stop after that newline
-                cut = -1
-                for _ in range(max_lines - lines):
-                    cut = block.index(b"\n", cut + 1)
-                pos += cut + 1
-                break
-            lines, pos = lines + n, pos + len(block)
-            if n and pos - start >= chunk_bytes:
-                end = pos - (len(block) - 1 - block.rfind(b"\n"))
-                ranges.append((start, end, first))
-                start, first = end, lines + 1
-    if pos > start:
-        ranges.append((start, pos, first))
-    return ranges
-
-
-def _scan_file(path: Path, src: int, mode: str, cfg: PostprocessConfig, max_lines: int) -> _Scan:
-    chunk_bytes = max(path.stat().st_size // (cfg.workers * 4), _MIN_CHUNK_BYTES)
-    tasks = [_Task(str(path), s, e, f, src, mode, cfg.answer_fix, cfg.timeout)
-             for s, e, f in _byte_ranges(path, max_lines, chunk_bytes)]
-    total = _Scan()
-    if cfg.workers == 1 or len(tasks) < 2:
-        for part in map(_scan_range, tasks):
-            total.merge(part)
-    else:
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks))) as pool:
-            for part in pool.map(_scan_range, tasks):
-                total.merge(part)
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pass 2: pick pairs per key
-
-
-def _unique(entries: list[Entry]) -> list[Entry]:
-    """One entry per distinct response text, ordered by digest (so the order ignores file order)."""
-    seen: dict[int, Entry] = {}
-    for e in sorted(entries, key=lambda e: (e.digest, e.src, e.offset)):
-        seen.setdefault(e.digest, e)
-    return list(seen.values())
-
-
-def select_pairs(chosen: list[Entry], rejected: list[Entry], cap: int, seed: int,
-                 skip_equal_answers: bool) -> list[tuple[Entry, Entry]]:
-    """Up to ``cap`` distinct (chosen, rejected) combinations, drawn without replacement by
-    ``random.Random(seed)``. With ``skip_equal_answers``, a combination whose normalised answers are
-    equal is dropped (replaces the seed's substring test, which dropped ``3`` vs ``13``)."""
-    chosen, rejected, rng = _unique(chosen), _unique(rejected), random.Random(seed)
-    if len(chosen) * len(rejected) <= _ENUMERATE_LIMIT:
-        cands = [(c, r) for c in chosen for r in rejected if not (skip_equal_answers and c.pred == r.pred)]
-        return rng.sample(cands, min(cap, len(cands)))
-    picked: list[tuple[Entry, Entry]] = []
-    tried: set[tuple[int, int]] = set()
-    for _ in range(cap * 64):  # a huge key: rejection-sample index pairs instead of listing them all
-        if len(picked) == cap:
-            break
-        i, j = rng.randrange(len(chosen)), rng.randrange(len(rejected))
-        if (i, j) in tried:
-            continue
-        tried.add((i, j))
-        if not (skip_equal_answers and chosen[i].pred == rejected[j].pred):
-            picked.append((chosen[i], rejected[j]))
-    return picked
-
-
-def _key_seed(key: Key, rule: str) -> int:
-    text = json.dumps([rule, *key], ensure_ascii=False)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-class _KeyPlan(NamedTuple):
-    key: Key
-    positives: list[Entry]
-    correctness: list[tuple[Entry, Entry]]
-    format: list[tuple[Entry, Entry]]
-    neg_item: Entry | None
-
-
-def _plan(scan: _Scan, gt_pos: dict[Key, list[Entry]], cfg: PostprocessConfig,
-          stats: DatasetStats) -> list[_KeyPlan]:
-    plans = []
-    for key in sorted(scan.groups):
-        entries = scan.groups[key]
-        pos = [e for e in entries if e.label == POS]
-        neg = [e for e in entries if e.label == NEG]
-        fmt = [e for e in entries if e.label == FMT]
-        stats.all_correct_keys += bool(pos and not neg and not fmt)
-        stats.all_wrong_keys += bool(not pos and (neg or fmt))
-        neg_item = min(neg, key=lambda e: (e.digest, e.offset)) if neg and not pos else None
-        if key in gt_pos and (cfg.force or not pos):
-            pos = pos + gt_pos[key]
-        cap = cfg.num_pairs_per_key
-        corr = select_pairs(pos, neg, cap, _key_seed(key, "correctness"), True) if pos and neg else []
-        form = select_pairs(pos, fmt, cap, _key_seed(key, "format"), False) if pos and fmt else []
-        if pos or neg_item:
-            plans.append(_KeyPlan(key, sorted(pos, key=lambda e: (e.digest, e.src, e.offset)), corr, form,
-                                  neg_item))
-        stats.correctness_pairs += len(corr)
-        stats.format_pairs += len(form)
-        stats.neg_items += neg_item is not None
-    return plans
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""Pass 1 of ``mpo postprocess correctness``: read a Stage-1 file, judge every line, group the verdicts by key.
+
+What lives here, and why it is its own module: everything that touches the *input* of Stage 2 before
+any pair is picked. That is judging one record (``judge_record``: truncated or unextractable responses
+are format negatives, never positives), validating the fields a line needs and building its group key
+``(image, question_orig, answer)``, and streaming the file within bounded memory. The run itself
+(``mpo.generate.postprocess``) and pair selection (``mpo.generate.pairs``) only see the result: a
+``_Scan`` holding, per key, one small ``Entry`` per judged line.
+
+Bounded memory on a 1.2-million-line file: pass 0 counts newlines block by block and cuts the first
+``max_lines`` lines into byte ranges (``_byte_ranges``); each range is one process-pool task
+(``_scan_range``) that keeps only a digest of the response, the label, the normalised answer and the byte
+offset of each line, never the record. Pass 2 re-reads the few records it writes by that offset.
+Malformed lines are counted, and the first ``MAX_LOGGED_ERRORS`` are kept as ``file:line`` messages.
+
+A change to how records are judged needs a bump of ``mpo.generate.postprocess.JUDGE_VERSION``, so that
+``manifest.json`` entries of older runs are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from mpo.data.errors import RowError
+from mpo.generate.answers import (
+    PROMPT_VERSIONS,
+    ExtractResult,
+    check_answer,
+    extract_answer,
+    fix_answer,
+    normalize_answer,
+)
+
+if TYPE_CHECKING:  # only for annotations: postprocess imports this module
+    from mpo.generate.postprocess import PostprocessConfig
+
+__all__ = ["FMT", "MAX_LOGGED_ERRORS", "NEG", "POS", "Entry", "Judgement", "Key", "judge_record"]
+
+POS, NEG, FMT = 1, 0, 2
+MAX_LOGGED_ERRORS = 20
+_MIN_CHUNK_BYTES = 1 << 20  # smaller pool tasks cost more in start-up and pickling than they save
+_READ_BLOCK = 1 << 22  # pass 0 counts newlines block by block; ranges are cut at block ends
+
+Key = tuple[str, str, str]
+"""``(image as JSON text or "", question_orig, answer as text)``."""
+
+
+class Entry(NamedTuple):
+    """What pass 1 keeps of one judged line: enough to pick pairs and to re-read the record."""
+
+    digest: int
+    label: int
+    pred: str
+    src: int
+    offset: int
+
+
+class Judgement(NamedTuple):
+    """Verdict on one record: ``label`` is POS/NEG/FMT; ``response`` is the text to train on (rewritten
+    by ``--answer-fix`` when that applied); ``reason`` names a format failure."""
+
+    label: int
+    answer_pred: str | None
+    reason: str | None
+    response: str
+
+
+class _Malformed(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name, self.message = field_name, message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Judging one record
+
+
+def judge_record(record: dict, mode: str, *, answer_fix: bool = False, timeout: float = 2.0) -> Judgement:
+    """Label one Stage-1 record. Truncated responses (``finish_reason == "length"``) and responses with
+    no extractable answer are format negatives, never positives. ``answer`` may be a list of accepted
+    answers. With ``answer_fix``, a *correct* response's answer is rewritten (``fix_answer``) and kept
+    only if the rewritten text is judged correct again."""
+    response, version = record["response"], record.get("prompt_version", "en")
+    if record.get("finish_reason") == "length":
+        return Judgement(FMT, None, "truncated", response)
+    result = extract_answer(response, version)
+    if result.answer is None:
+        return Judgement(FMT, None, result.reason, response)
+    answers = _answers(record)
+    if not any(check_answer(result.answer, gt, mode, timeout=timeout) for gt in answers):
+        return Judgement(NEG, result.answer, None, response)
+    if answer_fix and (fixed := _apply_fix(response, result, answers, version, mode)):
+        return Judgement(POS, fixed[1], None, fixed[0])
+    return Judgement(POS, result.answer, None, response)
+
+
+def _answers(record: dict) -> list[Any]:
+    return record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+
+
+def _apply_fix(response: str, result: ExtractResult, answers: list[Any], version: str,
+               mode: str) -> tuple[str, str] | None:
+    """``(rewritten response, its answer)`` when ``fix_answer`` applies and the rewrite is judged correct
+    again. Only option-letter answers are rewritten, so this never reaches math-verify: it gives the
+    same result in pass 2 as in pass 1."""
+    for gt in answers:
+        fixed = fix_answer(response, result, gt, version)
+        again = extract_answer(fixed, version) if fixed else None
+        if again and again.answer and check_answer(again.answer, gt, mode):
+            return fixed, again.answer
+    return None
+
+
+def _key_of(record: Any) -> Key:
+    """Validate the fields pass 1 needs and build the group key (raises ``_Malformed``)."""
+    if not isinstance(record, dict):
+        raise _Malformed("-", f"expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record.get("response"), str):
+        raise _Malformed("response", "missing" if "response" not in record else "not a string")
+    if record.get("answer") in (None, "", []):
+        raise _Malformed("answer", "missing or empty")
+    version = record.get("prompt_version", "en")
+    if version not in PROMPT_VERSIONS:
+        expected = ", ".join(PROMPT_VERSIONS)
+        raise _Malformed("prompt_version", f"unknown {version!r}; expected one of {expected}")
+    question = record.get("question_orig", record.get("question"))
+    if not isinstance(question, str):
+        raise _Malformed("question_orig", "missing (and no question)")
+    image, answer = record.get("image"), record["answer"]
+    image_key = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False) if image else ""
+    answer_key = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    return image_key, question, answer_key
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pass 1: stream byte ranges, judge, group
+
+
+@dataclass
+class _Scan:
+    groups: dict[Key, list[Entry]] = field(default_factory=dict)
+    lines: int = 0
+    malformed: int = 0
+    errors: list[str] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: _Scan) -> None:
+        for key, entries in other.groups.items():
+            mine = self.groups.get(key)
+            if mine is None:
+                self.groups[key] = entries
+            else:
+                mine.extend(entries)
+        self.lines += other.lines
+        self.malformed += other.malformed
+        self.errors.extend(other.errors[: MAX_LOGGED_ERRORS - len(self.errors)])
+        self.reasons.update(other.reasons)
+
+
+class _Task(NamedTuple):
+    path: str
+    start: int
+    end: int
+    first_line: int
+    src: int
+    mode: str
+    answer_fix: bool
+    timeout: float
+
+
+def _scan_range(task: _Task) -> _Scan:
+    """Judge the lines in ``[start, end)`` of one file (a process-pool task)."""
+    out = _Scan()
+    with open(task.path, "rb") as fh:
+        fh.seek(task.start)
+        offset, line = task.start, task.first_line - 1
+        while offset < task.end:
+            raw = fh.readline()
+            if not raw:
+                break
+            here, offset, line = offset, offset + len(raw), line + 1
+            if not raw.strip():
+                continue
+            out.lines += 1
+            try:
+                record = json.loads(raw)
+                key = _key_of(record)
+                verdict = judge_record(record, task.mode, answer_fix=task.answer_fix, timeout=task.timeout)
+            except _Malformed as err:
+                _bad(out, task.path, line, err.field_name, err.message)
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                _bad(out, task.path, line, "-", f"not valid JSON ({err})")
+                continue
+            except RecursionError:
+                _bad(out, task.path, line, "-", "not valid JSON (nested too deeply)")
+                continue
+            if verdict.reason:
+                out.reasons[verdict.reason] += 1
+            pred = normalize_answer(verdict.answer_pred) if verdict.answer_pred is not None else ""
+            entry = Entry(_digest(verdict.response), verdict.label, pred, task.src, here)
+            out.groups.setdefault(key, []).append(entry)
+    return out
+
+
+def _bad(out: _Scan, path: str, line: int, field_name: str, message: str) -> None:
+    out.malformed += 1
+    if len(out.errors) < MAX_LOGGED_ERRORS:
+        out.errors.append(str(RowError(path, line, field_name, message)))
+
+
+def _byte_ranges(path: Path, max_lines: int, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first_line)`` ranges covering the first ``max_lines`` lines, cut after newlines."""
+    ranges, start, first, lines, pos = [], 0, 1, 0, 0
+    with open(path, "rb") as fh:
+        while lines < max_lines:
+            block = fh.read(_READ_BLOCK)
+            if not block:
+                break
+            n = block.count(b"\n")
+            if lines + n >= max_lines:  # the limit falls inside this block: stop after that newline
+                cut = -1
+                for _ in range(max_lines - lines):
+                    cut = block.index(b"\n", cut + 1)
+                pos += cut + 1
+                break
+            lines, pos = lines + n, pos + len(block)
+            if n and pos - start >= chunk_bytes:
+                end = pos - (len(block) - 1 - block.rfind(b"\n"))
+                ranges.append((start, end, first))
+                start, first = end, lines + 1
+    if pos > start:
+        ranges.append((start, pos, first))
+    return ranges
+
+
+def _scan_file(path: Path, src: int, mode: str, cfg: PostprocessConfig, max_lines: int) -> _Scan:
+    chunk_bytes = max(path.stat().st_size // (cfg.workers * 4), _MIN_CHUNK_BYTES)
+    tasks = [_Task(str(path), s, e, f, src, mode, cfg.answer_fix, cfg.timeout)
+             for s, e, f in _byte_ranges(path, max_lines, chunk_bytes)]
+    total = _Scan()
+    if cfg.workers == 1 or len(tasks) < 2:
+        for part in map(_scan_range, tasks):
+            total.merge(part)
+    else:
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks))) as pool:
+            for part in pool.map(_scan_range, tasks):
+                total.merge(part)
+    return total
