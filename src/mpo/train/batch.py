@@ -53,6 +53,10 @@ class PairBatch:
     segments: list[tuple[int, ...]] = field(default_factory=list)
     """shared layout only: (row, start, n_prompt, n_chosen, n_rejected, first_grid, end_grid) per pair, for models
     whose positions depend on the images (Qwen-VL's 3D rotary positions); grid rows index ``image_grid_thw``."""
+    row_lengths: list[int] = field(default_factory=list)
+    """shared layout only: tokens used in each row; the scorer runs each row at its own length (no padding)."""
+    row_slices: list[dict[str, tuple[int, int]]] = field(default_factory=list)
+    """shared layout only: per row, the [start, end) rows of each image input (pixel_values, image_grid_thw)."""
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -61,7 +65,8 @@ class PairBatch:
             position_ids=move(self.position_ids), model_inputs={k: move(v) for k, v in self.model_inputs.items()},
             predict_index=move(self.predict_index), target_ids=move(self.target_ids),
             segment_ids=move(self.segment_ids), num_pairs=self.num_pairs, num_tokens=self.num_tokens,
-            sources=self.sources, pair_ids=self.pair_ids, segments=self.segments)
+            sources=self.sources, pair_ids=self.pair_ids, segments=self.segments, row_lengths=self.row_lengths,
+            row_slices=self.row_slices)
 
 
 def _concat_image_inputs(pairs: Sequence, order: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -87,7 +87,8 @@ class TrainConfig:
     pair_layout: Literal["naive", "shared"] = field("shared", help="shared: prompt and images once per pair (exact, "
                                                     "faster); naive: two sequences per pair, for debugging.")
     pack_length: int = field(0, help="shared layout: pack pairs into rows of up to this many tokens, never splitting "
-                             "a pair (0: one pair per row).", ge=0)
+                             "a pair (0: one pair per row). Each row runs at its own length, unpadded; on a GPU "
+                             "pack long rows (e.g. max_length) so that few forwards carry the batch.", ge=0)
     ref_cache: str = field("", help="Folder of precomputed reference log-probs (mpo precompute-ref); empty = reference in the loop.")
     deepspeed: str = field("", help="DeepSpeed JSON config for accelerate launch (multi-GPU presets).")
 

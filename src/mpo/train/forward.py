@@ -67,15 +67,56 @@ class PairScorer(nn.Module):
         return backbone_of(self.model).get_image_features(**kwargs)
 
     def hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
-        """(R, L, H) last hidden states of the backbone; ``image_features`` replaces the vision pass if given."""
-        kwargs = dict(batch.model_inputs)
+        """(R, L, H) last hidden states of the backbone; ``image_features`` replaces the vision pass if given.
+
+        Shared-layout rows run one forward each, cut to their own length: padding a row to the longest one
+        costs 20–30 % of a step when tile counts differ (measured on the internvl448 benchmark), and a packed row
+        needs no batching partner. Positions at and past a row's length come back as zeros (never gathered).
+        """
         backbone = backbone_of(self.model)
-        if image_features is not None:
-            kwargs.pop("pixel_values", None)
-            kwargs["mm_encoder_outputs"] = {"image": image_features}
+        kwargs = dict(batch.model_inputs)
         if batch.segments and hasattr(backbone, "get_rope_index"):
             kwargs["position_ids"] = mrope_positions(backbone, batch)
         elif batch.position_ids is not None:
             kwargs["position_ids"] = batch.position_ids
-        out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
-        return out.last_hidden_state
+        if image_features is not None:
+            kwargs.pop("pixel_values", None)
+        if not batch.row_lengths or len(batch.row_lengths) == 1:
+            if image_features is not None:
+                kwargs["mm_encoder_outputs"] = {"image": image_features}
+            out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
+            return out.last_hidden_state
+        width = batch.input_ids.shape[1]
+        rows = []
+        for r, (n, slices) in enumerate(zip(batch.row_lengths, batch.row_slices)):
+            has_images = any(end > start for start, end in slices.values())
+            row_kwargs = {k: _row_input(k, v, r, n, slices) for k, v in kwargs.items()
+                          if has_images or k not in slices}  # a text-only row gets no (empty) image inputs
+            if image_features is not None and has_images:
+                row_kwargs["mm_encoder_outputs"] = {"image": _row_features(image_features, slices)}
+            mask = batch.attention_mask[r:r + 1, :, :n, :n]
+            out = backbone(input_ids=batch.input_ids[r:r + 1, :n], attention_mask=mask, use_cache=False, **row_kwargs)
+            rows.append(torch.nn.functional.pad(out.last_hidden_state, (0, 0, 0, width - n)))
+        return torch.cat(rows, dim=0)
+
+
+def _row_input(key: str, value: torch.Tensor, r: int, n: int, slices: dict[str, tuple[int, int]]) -> torch.Tensor:
+    """Row ``r`` (first ``n`` tokens) of a batch input: token-aligned keys by row, image keys by their slice."""
+    if key in slices:
+        start, end = slices[key]
+        return value[start:end]
+    if key == "position_ids" and value.dim() == 3:  # (3, R, L) M-RoPE
+        return value[:, r:r + 1, :n]
+    return value[r:r + 1, :n]
+
+
+def _row_features(features, slices: dict[str, tuple[int, int]]):
+    """The precomputed image features of one row: per tile (InternVL tensor) or per image (Qwen-VL tuple)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    pooled = features.pooler_output
+    if isinstance(pooled, (tuple, list)):
+        start, end = slices["image_grid_thw"]
+    else:
+        start, end = slices["pixel_values"]
+    return BaseModelOutputWithPooling(pooler_output=pooled[start:end])

@@ -71,8 +71,12 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
     token_aligned: dict[str, torch.Tensor] = {}
     predict, targets, segments, order, layout = [], [], [], [], []
     grid_at = 0
+    image_keys = sorted({k for p in pairs for k in p.image_inputs if k not in TOKEN_ALIGNED_KEYS})
+    image_at = dict.fromkeys(image_keys, 0)
+    row_lengths, row_slices = [], []
     for r, row in enumerate(rows):
         start = 0
+        first = dict(image_at)
         for i in row:
             p = pairs[i]
             n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
@@ -97,7 +101,11 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
             n_grid = len(p.image_inputs.get("image_grid_thw", ()))
             layout.append((r, start, n_p, n_c, n_r, grid_at, grid_at + n_grid))
             grid_at += n_grid
+            for key in image_keys:
+                image_at[key] += len(p.image_inputs.get(key, ()))
             start = end
+        row_lengths.append(start)
+        row_slices.append({key: (first[key], image_at[key]) for key in image_keys})
         pad = torch.arange(start, width)
         allowed[r, pad, pad] = True  # padding attends to itself only: no fully masked (NaN) row
     mask = allowed.unsqueeze(1)
@@ -108,7 +116,8 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
     return PairBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, model_inputs=model_inputs,
         predict_index=torch.cat(predict), target_ids=torch.cat(targets), segment_ids=torch.cat(segments),
-        num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs], segments=layout)
+        num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs], segments=layout,
+        row_lengths=row_lengths, row_slices=row_slices)
 
 
 def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
