@@ -1,9 +1,12 @@
 """Benchmark an MPO training step: mpo against TRL 1.16's ``DPOTrainer`` configured for MPO, same model, data,
 batch and machine, in one invocation (issue "The fast pair path", item 6).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py                       # all cases, ~10 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py                       # all cases, ~9 min on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case text --json    # one case, JSON
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --steps 50            # longer, tighter medians
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case internvl448 --dims baseline   # env-notes dims
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case internvl448 --steps 8 --profile mpo_cached \
+        --work /tmp/bench                                # where mpo's step time goes: /tmp/bench/*.profile.txt
 
 What runs, per case, each in its own process (so each peak RSS is its own):
 
@@ -13,21 +16,26 @@ What runs, per case, each in its own process (so each peak RSS is its own):
 * ``mpo``: ``mpo.train.recipe`` with the shared pair layout and the reference in the loop;
 * ``mpo_cached``: the same with ``train.ref_cache`` (built by ``mpo.train.precompute.run_precompute``, timed in its
   own process before the steps: that time, spread over the steps of one epoch, gives the epoch speedup);
-* ``bound``: the cost floor of a step: one plain forward+backward of the policy over the deduplicated tokens of the
-  batch (one right-padded row per pair holding prompt, chosen and rejected, causal mask, SDPA, fp32; the LM head
-  only on answer positions), gradient clipping and the AdamW step; then, timed apart, one no-grad forward of a
-  reference copy over the same rows. Batches are built before timing, so the bound has no data loading.
+* ``bound``: the cost floor of a step: a plain forward+backward of the policy over the deduplicated tokens of the
+  batch (prompt once, chosen and rejected after it, in one row per pair; SDPA, fp32; the LM head only on answer
+  positions), gradient clipping and the AdamW step. Two plain layouts are timed on every batch: one right-padded
+  batch (2D padding mask) and each pair alone as an unpadded row (no mask: SDPA's causal fast path); the bound of a
+  batch is the faster of the two. Then, timed apart, one no-grad forward of a reference copy over the padded batch.
+  The rows are plain causal rows (the rejected answer sees the chosen one): the bound prices the tokens, it does not
+  train MPO. Batches are built before timing, so the bound has no data loading.
 
 The steps run in lock-step (see ``_bench_common``): one step of each worker in turn, order reversed every round,
 all on the same batches in the same order (TRL reads the rows in mpo's epoch-0 order with a sequential sampler).
 Step time is the wall time between consecutive optimizer steps, data loading included (no loader workers);
 medians over ``--steps`` steps after ``--warmup`` warm-up steps. Memory is the working set of the steps: peak RSS
-minus RSS just before the first step.
+minus RSS just before the first step. ``loadavg.other_processes_cores`` says how many cores other people's jobs kept
+busy meanwhile: above ~0.2 the numbers are disturbed (with torch's 2 threads on 2 cores, one busy foreign process
+can double a step); ``--threads 1`` is the robust setting on a busy machine.
 
-Model (both frameworks load the same folder): ``mpo.models.tiny.build_tiny``, text hidden 256 × 4 layers, vision
-hidden 128 × 2 layers, vocab 2048 (the dims of TRL's baseline in env-notes §3); InternVL at the real tile geometry
-(448 px, patch 14, 256 tokens per tile, up to 4 tiles + thumbnail). Data: synthetic, written by
-``_bench_common.write_preference_data``.
+Model (both frameworks load the same folder): ``mpo.models.tiny.build_tiny``, vocab 2048, InternVL at the real tile
+geometry (448 px, patch 14, 256 tokens per tile, up to 4 tiles + thumbnail); ``--dims small`` (default: text hidden
+128 × 2 layers, vision 64 × 2) or ``--dims baseline`` (text 256 × 4, vision 128 × 2: the dims of TRL's baseline in
+env-notes §3; about 2.7x the run time). Data: synthetic, written by ``_bench_common.write_preference_data``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,7 +81,7 @@ class Case:
     prompt_tokens: int  # question text tokens (VLM: after <image>); text case: the whole rendered prompt
     answer_tokens: tuple[int, int]  # inclusive range, drawn independently for chosen and rejected
     tiles: tuple[int, ...] = ()  # tile counts drawn uniformly (InternVL; +1 thumbnail when > 1)
-    targets: dict[str, tuple[str, float]] = field(default_factory=dict)
+    targets: dict[str, tuple[str, float | str]] = field(default_factory=dict)  # goal: a number or another key
 
 
 CASES: dict[str, Case] = {c.name: c for c in (
@@ -641,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # A SIGTERM must still run the cleanup below (workers exit on their own once the control pipe closes).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     temporary = args.work is None
     args.work = Path(tempfile.mkdtemp(prefix="mpo_bench_train_")) if temporary else args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
