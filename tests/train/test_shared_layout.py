@@ -11,9 +11,10 @@ from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.losses import mpo_loss
 from mpo.models import load_model, load_processor
+from mpo.train.attention import language_config
 from mpo.train.batch import collate_naive
 from mpo.train.data import EncodedPairs
-from mpo.train.forward import PairScorer
+from mpo.train.forward import PairScorer, backbone_of
 from mpo.train.shared import collate_shared, pack_pairs
 
 
@@ -58,6 +59,10 @@ def test_shared_equals_naive(encoded, model, mix, pack_length):
     if pack_length:
         assert shared_batch.input_ids.shape[0] < len(pairs)  # pairs really were packed together
     shared, sl, sg = _scores_and_grads(m, shared_batch)
+    if attn == "sdpa":  # the pair attention ran, on the language model only
+        assert shared_batch.spans is not None
+        assert language_config(backbone_of(m))._attn_implementation == "mpo_pairs"
+        assert m.config.vision_config._attn_implementation == "sdpa"
     torch.testing.assert_close(shared.chosen_logps, naive.chosen_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.rejected_logps, naive.rejected_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.chosen_nll, naive.chosen_nll, atol=1e-6, rtol=1e-5)
@@ -70,7 +75,7 @@ def test_shared_equals_naive(encoded, model, mix, pack_length):
 def test_shared_layout_tokens_and_positions(encoded):
     by_task, pad_id = encoded
     pairs = by_task["shape_colour"][:2]
-    batch = collate_shared(pairs, pad_id, pack_length=10_000)
+    batch = collate_shared(pairs, pad_id, pack_length=10_000, attn_implementation="eager")
     assert batch.input_ids.shape[0] == 1  # both pairs in one row, no padding
     n0 = len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) + len(pairs[0].rejected_ids)
     assert batch.input_ids.shape[1] == n0 + sum(len(t) for t in (pairs[1].prompt_ids, pairs[1].chosen_ids,
@@ -78,7 +83,7 @@ def test_shared_layout_tokens_and_positions(encoded):
     p, c = len(pairs[0].prompt_ids), len(pairs[0].chosen_ids)
     assert batch.position_ids[0, p + c].item() == p  # rejected restarts after the prompt
     assert batch.position_ids[0, n0].item() == 0  # the next pair starts at 0
-    mask = batch.attention_mask[0, 0]
+    mask = batch.attention_mask[0, 0] == 0  # eager: additive mask, 0 = may attend
     assert not mask[p + c, p:p + c].any()  # rejected never sees chosen
     assert mask[p + c, :p].all()
     assert not mask[n0, :n0].any()  # no attention across pairs
@@ -97,7 +102,7 @@ def test_pack_pairs_first_fit_decreasing():
 
 def test_unsupported_attention_is_refused(encoded):
     by_task, pad_id = encoded
-    with pytest.raises(ValueError, match="pair_layout=shared supports attn_implementation sdpa, eager, not "
+    with pytest.raises(ValueError, match="pair_layout=shared supports attn_implementation sdpa, eager, mpo_pairs, not "
                                          "'flash_attention_2'"):
         collate_shared(by_task["text_arith"][:1], pad_id, attn_implementation="flash_attention_2")
 
@@ -130,6 +135,79 @@ def test_shared_equals_naive_qwen2_5_vl_3d_positions(qwen_encoded, mix):
     shared, sl, sg = _scores_and_grads(m, collate_shared(pairs, pad_id, pack_length=600))
     torch.testing.assert_close(shared.chosen_logps, naive.chosen_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.rejected_logps, naive.rejected_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sl, nl, atol=1e-5, rtol=1e-5)
+    for name in ng:
+        torch.testing.assert_close(sg[name], ng[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sdpa_layout_is_one_flat_row_without_a_mask(encoded):
+    """SDPA: every pair of the batch in one row (no padding, pack_length does not apply), no (L, L) mask."""
+    by_task, pad_id = encoded
+    pairs = by_task["shape_colour"][:2] + by_task["text_arith"][:2]
+    batch = collate_shared(pairs, pad_id, pack_length=100)
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert batch.input_ids.shape == (1, sum(lengths))
+    assert batch.attention_mask.shape == (1, 1, 1, 1)
+    assert batch.spans.shapes == [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+
+
+def _dense_reference(q, k, v, shapes):
+    """The block-mask computation the pair attention replaces: one (N, N) boolean mask over the flat row."""
+    n = q.shape[2]
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    start = 0
+    for n_p, n_c, n_r in shapes:
+        end = start + n_p + n_c + n_r
+        block = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        block[n_p + n_c:, n_p:n_p + n_c] = False
+        allowed[start:end, start:end] = block
+        start = end
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
+
+
+@pytest.mark.parametrize("shapes", [[(5, 3, 4)], [(5, 3, 4), (5, 3, 4), (2, 1, 1)], [(1, 1, 1), (7, 2, 6), (7, 2, 6)]],
+                         ids=["one", "same_shapes_batched", "mixed"])
+def test_pair_attention_equals_the_block_mask(shapes):
+    """Values and gradients of q, k, v equal the dense block-mask SDPA, with grouped-query heads (4 q, 2 kv)."""
+    from types import SimpleNamespace
+
+    from mpo.train.attention import PairSpans, pair_attention_forward
+
+    torch.manual_seed(0)
+    n = sum(map(sum, shapes))
+    q, k, v = (torch.randn(1, h, n, 8, requires_grad=True) for h in (4, 2, 2))
+    module = SimpleNamespace(num_key_value_groups=2)
+    out, _ = pair_attention_forward(module, q, k, v, None, mpo_pair_spans=PairSpans(shapes))
+    want = _dense_reference(q, k, v, shapes)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    weights = torch.randn_like(out)
+    got_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_pair_attention_refuses_a_row_that_does_not_match(encoded):
+    from types import SimpleNamespace
+
+    from mpo.train.attention import PairSpans, pair_attention_forward
+
+    q = torch.zeros(1, 2, 10, 4)
+    with pytest.raises(ValueError, match=r"does not match the pair spans \(1 row of 12 tokens\)"):
+        pair_attention_forward(SimpleNamespace(), q, q, q, None, mpo_pair_spans=PairSpans([(6, 3, 3)]))
+
+
+def test_pair_attention_under_gradient_checkpointing(encoded, demo_model):
+    """Recomputed layers get the pair spans again (they travel as a forward kwarg, not as global state)."""
+    by_task, pad_id = encoded
+    pairs = by_task["shape_colour"][:2] + by_task["text_arith"][:1]
+    plain = load_model(demo_model).train()
+    _, nl, ng = _scores_and_grads(plain, collate_naive(pairs, pad_id))
+    m = load_model(demo_model).train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, sl, sg = _scores_and_grads(m, collate_shared(pairs, pad_id))
     torch.testing.assert_close(sl, nl, atol=1e-5, rtol=1e-5)
     for name in ng:
         torch.testing.assert_close(sg[name], ng[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -18,11 +18,12 @@ Segments: pair i's chosen answer is segment 2i, its rejected answer segment 2i+1
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from mpo.data.encode import TOKEN_ALIGNED_KEYS
+from mpo.train.attention import PairSpans
 
 __all__ = ["PairBatch", "collate_naive", "TOKEN_ALIGNED_KEYS"]
 
@@ -57,16 +58,17 @@ class PairBatch:
     """shared layout only: tokens used in each row; the scorer runs each row at its own length (no padding)."""
     row_slices: list[dict[str, tuple[int, int]]] = field(default_factory=list)
     """shared layout only: per row, the [start, end) rows of each image input (pixel_values, image_grid_thw)."""
+    spans: PairSpans | None = None
+    """shared layout with pair attention (sdpa): the pairs of the single flat row; ``attention_mask`` is then a
+    (1, 1, 1, 1) placeholder that the pair attention ignores (see ``mpo.train.attention``)."""
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return PairBatch(
-            input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+        return replace(
+            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
             position_ids=move(self.position_ids), model_inputs={k: move(v) for k, v in self.model_inputs.items()},
             predict_index=move(self.predict_index), target_ids=move(self.target_ids),
-            segment_ids=move(self.segment_ids), num_pairs=self.num_pairs, num_tokens=self.num_tokens,
-            sources=self.sources, pair_ids=self.pair_ids, segments=self.segments, row_lengths=self.row_lengths,
-            row_slices=self.row_slices)
+            segment_ids=move(self.segment_ids))
 
 
 def _concat_image_inputs(pairs: Sequence, order: Sequence[int]) -> dict[str, torch.Tensor]:

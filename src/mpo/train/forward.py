@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mpo.losses import completion_logps, token_mean_nll
+from mpo.train.attention import SPANS_KWARG, language_config, use_pair_attention
 from mpo.train.batch import PairBatch
 from mpo.train.shared import mrope_positions
 
@@ -81,6 +82,11 @@ class PairScorer(nn.Module):
             kwargs["position_ids"] = batch.position_ids
         if image_features is not None:
             kwargs.pop("pixel_values", None)
+        if batch.spans is not None:
+            if not use_pair_attention(backbone):
+                raise ValueError(f"the shared layout's flat batches need sdpa attention; the language model uses "
+                                 f"{language_config(backbone)._attn_implementation!r} (set model.attn_implementation)")
+            kwargs[SPANS_KWARG] = batch.spans
         if not _pays_to_split(batch):
             if image_features is not None:
                 kwargs["mm_encoder_outputs"] = {"image": image_features}

@@ -12,9 +12,13 @@ prompt — usually hundreds to thousands of image tokens — goes through the mo
 The first token of each answer is predicted from the last prompt position, so that hidden state is gathered
 twice (once per answer); the gradient of both flows back into the shared prompt.
 
-Pairs are packed first-fit-decreasing into rows of at most ``pack_length`` tokens (a pair is never split across
-rows); the mask is block-diagonal over pairs. The mask is boolean (True = may attend) for SDPA; eager attention
-*adds* the mask to the scores, so it gets the additive float form instead (a boolean mask there is silently wrong).
+With SDPA (the default) all pairs of a micro-batch go back to back into one row with no padding, and the pair
+attention (``mpo.train.attention``) keeps them apart without any (L, L) mask: per pair, ``prompt + chosen`` runs
+on SDPA's causal fast path and the rejected queries attend to ``[prompt, rejected]``.
+
+With eager attention, pairs are packed first-fit-decreasing into rows of at most ``pack_length`` tokens (a pair
+is never split across rows) under a block-diagonal mask. Eager *adds* the mask to the scores, so it gets the
+additive float form (a boolean mask there is silently wrong).
 
 Image inputs follow the order in which image tokens appear in the rows (row-major), which is the order in which
 InternVL and Qwen-VL scatter image features into the sequence, so each pair's images are encoded once.
@@ -26,11 +30,12 @@ from collections.abc import Sequence
 
 import torch
 
+from mpo.train.attention import PAIR_ATTENTION, PairSpans
 from mpo.train.batch import TOKEN_ALIGNED_KEYS, PairBatch, _concat_image_inputs
 
 __all__ = ["collate_shared", "pack_pairs", "mrope_positions", "SUPPORTED_ATTENTION"]
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", PAIR_ATTENTION)
 
 
 def pack_pairs(lengths: Sequence[int], pack_length: int | None) -> list[list[int]]:
@@ -53,21 +58,24 @@ def pack_pairs(lengths: Sequence[int], pack_length: int | None) -> list[list[int
 
 def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = None,
                    attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> PairBatch:
-    """Lay B encoded pairs out as packed ``[prompt, chosen, rejected]`` segments with a 4D block mask.
+    """Lay B encoded pairs out as ``[prompt, chosen, rejected]`` segments.
 
-    Returns a :class:`PairBatch` whose ``attention_mask`` is (R, 1, L, L): bool for SDPA, additive ``dtype``
-    for eager; ``position_ids`` (R, L); segments ``2i`` / ``2i+1`` are pair i's chosen / rejected answer.
+    SDPA: one flat row (R = 1, L = Σ pair lengths, no padding) with :class:`PairSpans` for the pair attention
+    and a (1, 1, 1, 1) placeholder mask; ``pack_length`` does not apply (nothing is padded).
+    Eager: pairs packed into rows of at most ``pack_length`` tokens with an additive (R, 1, L, L) ``dtype``
+    block mask. ``position_ids`` (R, L); segments ``2i`` / ``2i+1`` are pair i's chosen / rejected answer.
     """
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(f"pair_layout=shared supports attn_implementation {', '.join(SUPPORTED_ATTENTION)}, not "
                          f"{attn_implementation!r} (use pair_layout=naive)")
+    flat = attn_implementation != "eager"
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    rows = pack_pairs(lengths, pack_length)
+    rows = [list(range(len(pairs)))] if flat else pack_pairs(lengths, pack_length)
     width = max(sum(lengths[i] for i in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    allowed = torch.zeros((n_rows, width, width), dtype=torch.bool)
+    allowed = None if flat else torch.zeros((n_rows, width, width), dtype=torch.bool)
     token_aligned: dict[str, torch.Tensor] = {}
     predict, targets, segments, order, layout = [], [], [], [], []
     grid_at = 0
@@ -83,9 +91,10 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
             end = start + n_p + n_c + n_r
             input_ids[r, start:end] = torch.cat([p.prompt_ids, p.chosen_ids, p.rejected_ids])
             position_ids[r, start:end] = torch.cat([torch.arange(n_p + n_c), n_p + torch.arange(n_r)])
-            causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-            causal[n_p + n_c:, n_p:n_p + n_c] = False  # rejected never sees chosen
-            allowed[r, start:end, start:end] = causal
+            if allowed is not None:
+                causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+                causal[n_p + n_c:, n_p:n_p + n_c] = False  # rejected never sees chosen
+                allowed[r, start:end, start:end] = causal
             base = r * width + start
             last_prompt = base + n_p - 1
             predict.append(torch.cat([torch.tensor([last_prompt]), base + n_p + torch.arange(n_c - 1)]))
@@ -106,18 +115,23 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
             start = end
         row_lengths.append(start)
         row_slices.append({key: (first[key], image_at[key]) for key in image_keys})
-        pad = torch.arange(start, width)
-        allowed[r, pad, pad] = True  # padding attends to itself only: no fully masked (NaN) row
-    mask = allowed.unsqueeze(1)
-    if attn_implementation == "eager":
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        if allowed is not None:
+            pad = torch.arange(start, width)
+            allowed[r, pad, pad] = True  # padding attends to itself only: no fully masked (NaN) row
+    if allowed is None:
+        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool)
+        spans = PairSpans([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
+    else:
+        mask = torch.zeros((n_rows, 1, width, width), dtype=dtype).masked_fill(~allowed.unsqueeze(1),
+                                                                               torch.finfo(dtype).min)
+        spans = None
     model_inputs = _concat_image_inputs(pairs, order)
     model_inputs.update(token_aligned)
     return PairBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, model_inputs=model_inputs,
         predict_index=torch.cat(predict), target_ids=torch.cat(targets), segment_ids=torch.cat(segments),
         num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs], segments=layout,
-        row_lengths=row_lengths, row_slices=row_slices)
+        row_lengths=row_lengths, row_slices=row_slices, spans=spans)
 
 
 def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
