@@ -167,6 +167,7 @@ def mpo_config(args: argparse.Namespace, out: Path, *, ref_cache: str = ""):
                  f"loss.loss_weights={json.dumps(LOSS['weights'])}"]
     if ref_cache:
         overrides.append(f"train.ref_cache={ref_cache}")
+    overrides += args.mpo_set or []
     return load_config(RunConfig, None, overrides)
 
 
@@ -405,6 +406,7 @@ class Worker:
                "--data", str(data), "--cache", str(cache), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--layout", args.layout, "--pack-length", str(args.pack_length), "--threads", str(args.threads)]
         cmd += [x for p in (args.profile or []) for x in ("--profile", p)]
+        cmd += [x for o in (args.mpo_set or []) for x in ("--mpo-set", o)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         with open(self.log_path, "w", encoding="utf-8") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=(to_worker_r, from_worker_w),
@@ -525,7 +527,7 @@ def summarise(case: Case, by: dict[str, Worker], args: argparse.Namespace, preco
         # Same initial weights, same batches: the first step's loss must agree across frameworks (sanity check).
         "loss_step1": {name: next((s["loss"] for s in worker.steps if s.get("loss_step") == 1), None)
                        for name, worker in by.items() if name != "bound"},
-        "mpo_layout": args.layout, "mpo_pack_length": args.pack_length,
+        "mpo_layout": args.layout, "mpo_pack_length": args.pack_length, "mpo_set": args.mpo_set or [],
         "model_dims": {"name": args.dims, **MODEL_DIMS[args.dims]}, "torch_threads": by["trl"].ready["threads"],
     }
     if "mpo_cached" in med:
@@ -618,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per worker (0: torch's default, one per core). With another busy process "
                              "on a 2-core machine, 2 threads stall on each other at every parallel region; 1 does not")
+    parser.add_argument("--mpo-set", action="append", metavar="KEY=VALUE",
+                        help="extra mpo config override for the mpo runs and the precompute (repeatable), e.g. "
+                             "data.prefetch_batches=0")
     parser.add_argument("--no-cached", action="store_true", help="skip the reference-cache run and its precompute")
     parser.add_argument("--profile", choices=WORKERS, action="append",
                         help="profile this worker's measured steps (torch.profiler ops + cProfile) into "

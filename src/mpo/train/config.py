@@ -46,6 +46,8 @@ class DataConfig:
     max_dynamic_patch: int = field(12, help="Tile budget per row; a meta entry's max_dynamic_patch overrides it.", ge=1)
     on_bad_row: Literal["skip", "error"] = field("skip", help="skip: count it and write it to rejected_rows.jsonl; error: stop.")
     num_workers: int = field(0, help="DataLoader worker processes (image decoding, tiling, tokenizing).", ge=0)
+    prefetch_batches: int = field(2, help="Micro-batches prepared ahead in a background thread while the model "
+                                  "computes (0: none); works with or without num_workers.", ge=0)
     seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).")
 
 
@@ -86,9 +88,10 @@ class TrainConfig:
     seed: int = field(42, help="Seed of weights init of new parts, dropout, and LoRA.")
     pair_layout: Literal["naive", "shared"] = field("shared", help="shared: prompt and images once per pair (exact, "
                                                     "faster); naive: two sequences per pair, for debugging.")
-    pack_length: int = field(0, help="shared layout: pack pairs into rows of up to this many tokens, never splitting "
-                             "a pair (0: one pair per row). Each row runs at its own length, unpadded; on a GPU "
-                             "pack long rows (e.g. max_length) so that few forwards carry the batch.", ge=0)
+    pack_length: int = field(0, help="shared layout with eager attention: pack pairs into rows of up to this many "
+                             "tokens, never splitting a pair (0: one pair per row). With sdpa (the default) every "
+                             "micro-batch is one unpadded row and the pair attention keeps pairs apart, so this "
+                             "does not apply.", ge=0)
     ref_cache: str = field("", help="Folder of precomputed reference log-probs (mpo precompute-ref); empty = reference in the loop.")
     deepspeed: str = field("", help="DeepSpeed JSON config for accelerate launch (multi-GPU presets).")
 

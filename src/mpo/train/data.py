@@ -28,7 +28,7 @@ from mpo.data.mixture import PreferenceMixture
 from mpo.train.batch import PairBatch, collate_naive
 from mpo.train.shared import collate_shared
 
-__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator"]
+__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch"]
 
 
 class EncodedPairs(Dataset):
@@ -125,3 +125,76 @@ class Collator:
             batch = collate_naive(pairs, self.pad_id)
         batch.pair_ids = [getattr(p, "index", -1) for p in pairs]
         return batch, errors
+
+
+_END = object()
+
+
+class Prefetched(Iterator):
+    """Iterates ``source`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Image decoding (PIL), tiling (torchvision) and tokenizing (tokenizers) mostly release the GIL, so the next
+    micro-batch gets ready while the model computes, without the process start-up, pickling and shared-memory
+    copies of a DataLoader worker process. The items and their order are exactly those of ``source``: the data
+    has no randomness of its own (the order is a seeded permutation), so prefetching changes no result. An
+    exception in the thread is raised by the ``next()`` that reaches it.
+    """
+
+    def __init__(self, source, depth: int):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        # the thread holds the queue and the event, not this object: dropping the iterator stops it (__del__)
+        self._thread = threading.Thread(target=_fill, args=(source, self._queue, self._stop), name="mpo-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def __next__(self):
+        item, err = self._queue.get()
+        if err is not None:
+            self.close()
+            raise err
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the item it is preparing) and drop what it had prepared."""
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _fill(source, out, stop) -> None:
+    """The prefetch thread: ``(item, None)`` per item of ``source``, then ``(_END, None)`` or ``(None, error)``."""
+    import queue
+
+    try:
+        for item in source:
+            while True:
+                if stop.is_set():
+                    return
+                try:
+                    out.put((item, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        out.put((_END, None))
+    except BaseException as err:  # noqa: BLE001 - handed to the consumer, who raises it
+        out.put((None, err))
+
+
+def prefetch(source, depth: int) -> Iterator:
+    """``iter(source)``, prepared ``depth`` items ahead in a thread (:class:`Prefetched`); depth 0: no thread."""
+    return Prefetched(source, depth) if depth > 0 else iter(source)
