@@ -211,3 +211,17 @@ def test_pair_attention_under_gradient_checkpointing(encoded, demo_model):
     torch.testing.assert_close(sl, nl, atol=1e-5, rtol=1e-5)
     for name in ng:
         torch.testing.assert_close(sg[name], ng[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mpo.train.attention import use_pair_attention
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                      attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg)
+    assert "sliding_attention" in model.config.layer_types
+    with pytest.raises(ValueError, match="sliding-window attention layers.*use train.pair_layout=naive"):
+        use_pair_attention(backbone_of(model))

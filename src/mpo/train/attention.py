@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-__all__ = ["PAIR_ATTENTION", "PairSpans", "pair_attention_forward", "use_pair_attention", "language_config"]
+__all__ = ["PAIR_ATTENTION", "PairSpans", "pair_attention_forward", "use_pair_attention", "language_config",
+           "refuse_sliding_window"]
 
 PAIR_ATTENTION = "mpo_pairs"
 SPANS_KWARG = "mpo_pair_spans"
@@ -121,6 +122,13 @@ def language_config(backbone: torch.nn.Module):
     return (lm if lm is not None else backbone).config
 
 
+def refuse_sliding_window(backbone: torch.nn.Module) -> None:
+    """The shared layout's masks (pair attention and block mask alike) know no sliding window: refuse such models."""
+    if "sliding_attention" in (getattr(language_config(backbone), "layer_types", None) or []):
+        raise ValueError(f"{type(backbone).__name__} has sliding-window attention layers, which the shared pair "
+                         "layout does not implement; use train.pair_layout=naive")
+
+
 def use_pair_attention(backbone: torch.nn.Module) -> bool:
     """Switch the language model of ``backbone`` from ``sdpa`` to pair attention; True if it now uses it.
 
@@ -132,6 +140,7 @@ def use_pair_attention(backbone: torch.nn.Module) -> bool:
         return True
     if current != "sdpa":
         return False
+    refuse_sliding_window(backbone)
     _register()
     config._attn_implementation = PAIR_ATTENTION
     return True

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpo.losses import completion_logps, token_mean_nll
-from mpo.train.attention import SPANS_KWARG, language_config, use_pair_attention
+from mpo.train.attention import SPANS_KWARG, language_config, refuse_sliding_window, use_pair_attention
 from mpo.train.batch import PairBatch
 from mpo.train.shared import mrope_positions
 
@@ -76,6 +76,8 @@ class PairScorer(nn.Module):
         """
         backbone = backbone_of(self.model)
         kwargs = dict(batch.model_inputs)
+        if batch.segments:
+            refuse_sliding_window(backbone)
         if batch.segments and hasattr(backbone, "get_rope_index"):
             kwargs["position_ids"] = mrope_positions(backbone, batch)
         elif batch.position_ids is not None:
