@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -39,18 +41,24 @@ from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
 from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder
+from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch
 from mpo.train.forward import PairScorer, PairScores, backbone_of
 from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
+    Zero3PairScorer,
     add_lora,
     apply_freezing,
     apply_vision_drop_path,
     count_parameters,
+    deepspeed_config,
+    deepspeed_reference,
     disable_dropout,
     freeze_train_mode,
-    make_reference,
+    gathered_vision,
+    keep_used_weight_conversions,
+    load_reference,
+    param_ndim,
     set_seed,
 )
 
@@ -78,8 +86,8 @@ class Run:
 
     cfg: RunConfig
     accelerator: Accelerator
-    scorer: torch.nn.Module
-    reference: PairScorer | None
+    scorer: torch.nn.Module  # DDP/DeepSpeed-wrapped PairScorer
+    reference: torch.nn.Module | None  # PairScorer (a DeepSpeed inference engine around one under ZeRO-3)
     cached_reference: CachedReference | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -102,6 +110,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     cfg.require_paths()
     accelerator = _accelerator(cfg)
     _derive_accumulation(cfg, accelerator.num_processes)
+    zero_stage = _zero_stage(accelerator)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
@@ -112,12 +121,15 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype,
                        attn_implementation=cfg.model.attn_implementation)
+    keep_used_weight_conversions(model)  # ZeRO-3 loads record every renaming; export must reverse only the used
     disable_dropout(model)
     apply_freezing(model, cfg.model)
     tc = cfg.train
-    reference = None if cfg.model.lora.r > 0 or tc.ref_cache else PairScorer(make_reference(model))
+    scorer_type = Zero3PairScorer if zero_stage == 3 else PairScorer
+    reference = (None if cfg.model.lora.r > 0 or tc.ref_cache
+                 else scorer_type(load_reference(cfg.model, model, zero_stage)))
     apply_vision_drop_path(model, cfg.model.drop_path_rate)  # after the copy: the reference stays deterministic
-    if reference is not None:
+    if reference is not None and zero_stage < 3:
         reference.to(accelerator.device)
     if cfg.model.lora.r > 0:
         model = add_lora(model, cfg.model)
@@ -144,21 +156,32 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_train_epochs * order.steps_per_epoch))
     warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as HF Trainer does
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    decay = [p for p in params if param_ndim(p) >= 2]
+    no_decay = [p for p in params if param_ndim(p) < 2]  # biases and norms, as HF Trainer does
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if zero_stage >= 0:  # DeepSpeed drops empty groups (LoRA has no 1-D ones); the schedule must see the same list
+        groups = [g for g in groups if g["params"]]
+    # fused: one kernel over all tensors instead of a Python loop per tensor (HF Trainer's default optimizer too);
+    # DeepSpeed steps its own flat partitions, so it gets the plain one
+    optimizer = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  eps=tc.adam_epsilon, fused=zero_stage < 0 and bool(params))
+    scorer, optimizer = accelerator.prepare(scorer_type(model), optimizer)
+    # After prepare, on the prepared optimizer: with an offloaded optimizer DeepSpeed replaces AdamW by its own
+    # CPU Adam, and a schedule built on the AdamW would set learning rates nobody uses
     name = "constant_with_warmup" if tc.lr_scheduler == "constant" else tc.lr_scheduler  # HF's "constant" has none
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    scorer, optimizer = accelerator.prepare(PairScorer(model), optimizer)
+    if reference is not None and zero_stage >= 0:
+        reference = deepspeed_reference(reference, accelerator.deepspeed_config, zero_stage)
 
     delta = RunningMean(all_reduce=_mean_over_ranks(accelerator))
     start_step, position = 0, DataPosition()
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
-        start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
+        try:
+            start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
+        except ValueError as exc:  # written by another engine (DeepSpeed or not)
+            raise TrainingError(f"--resume: {exc}") from None
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
     order.start = position
     collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
@@ -181,14 +204,47 @@ def make_accelerator() -> Accelerator:
 
 def _accelerator(cfg: RunConfig) -> Accelerator:
     if not cfg.train.deepspeed:
-        return make_accelerator()
+        accelerator = make_accelerator()
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+            # accelerate 1.15 turns FSDP on only for GPU-like devices and silently runs DDP otherwise
+            log.warning("accelerate launch asked for FSDP, but accelerate runs FSDP on GPUs only: this run is "
+                        "%s (plain data parallel, every process holds the whole model)", accelerator.distributed_type.value)
+        return accelerator
     try:
         import deepspeed  # noqa: F401
         from accelerate.utils import DeepSpeedPlugin
     except ImportError:
         raise TrainingError(f"train.deepspeed={cfg.train.deepspeed}: DeepSpeed is not installed "
                             "(pip install 'mpo[deepspeed]'), or leave train.deepspeed empty") from None
-    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed))
+    # The JSON's "auto" values are filled here (accelerate fills them only inside a Trainer), so the accumulation
+    # is needed before the Accelerator exists: torchrun and accelerate launch give the world size in WORLD_SIZE.
+    tc = cfg.train
+    if "LOCAL_RANK" not in os.environ:  # accelerate starts DeepSpeed's process group only under a launcher
+        raise TrainingError(f"train.deepspeed={tc.deepspeed}: start the run with a launcher, also for one process: "
+                            "torchrun --nproc_per_node N -m mpo.cli train ... (or accelerate launch)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _derive_accumulation(cfg, world)
+    try:
+        ds = deepspeed_config(tc.deepspeed, per_device_batch_size=tc.per_device_batch_size,
+                              accumulation=tc.gradient_accumulation_steps, world_size=world,
+                              max_grad_norm=tc.max_grad_norm, model_dtype=cfg.model.dtype)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    # Accelerate's DeepSpeed path starts the process group with the backend of the device it finds; without a GPU
+    # it finds none and counts one process. Naming gloo makes it start DeepSpeed's CPU group (tested on 2 CPUs).
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers)
+    if accelerator.num_processes != world:
+        raise TrainingError(f"train.deepspeed: {accelerator.num_processes} processes but WORLD_SIZE={world}; start "
+                            "the run with torchrun or accelerate launch")
+    return accelerator
+
+
+def _zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run; -1 without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return -1
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0))
 
 
 def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
@@ -219,7 +275,11 @@ def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: Rejecte
 def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
              rejects: RejectedRowLog) -> tuple[int, DataPosition]:
     model = accelerator.unwrap_model(scorer).model
-    if hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # weights (the fp32 master partitions under ZeRO) and optimizer state from DeepSpeed's own per-rank files
+        ckpt.load_deepspeed_state(path, scorer, accelerator.num_processes)
+        optimizer = None
+    elif hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -265,15 +325,17 @@ def reference_scores(run: Run, batch, image_features=None) -> PairScores:
     with torch.no_grad():
         if run.reference is not None:
             return run.reference(batch, image_features)
-        policy = run.accelerator.unwrap_model(run.scorer)
-        with policy.model.disable_adapter():
+        # DeepSpeed: through the engine's forward, which gathers ZeRO-3 partitions; DDP: the bare module, as the
+        # DDP wrapper needs no no-grad forward
+        policy = run.scorer if _zero_stage(run.accelerator) >= 0 else run.accelerator.unwrap_model(run.scorer)
+        with run.accelerator.unwrap_model(run.scorer).model.disable_adapter():
             return policy(batch)
 
 
 def train(run: Run) -> TrainResult:
     cfg, acc, tc = run.cfg, run.accelerator, run.cfg.train
     accum = tc.gradient_accumulation_steps
-    batches = iter(run.loader)
+    batches = prefetch(run.loader, cfg.data.prefetch_batches)  # the next micro-batches decode meanwhile
     step, last = run.start_step, {}
     run.scorer.train()
     freeze_train_mode(acc.unwrap_model(run.scorer).model, cfg.model)
@@ -291,7 +353,7 @@ def train(run: Run) -> TrainResult:
             with sync:
                 feats = None
                 if run.share_vision and "pixel_values" in batch.model_inputs:
-                    with torch.no_grad():
+                    with torch.no_grad(), gathered_vision(acc.unwrap_model(run.scorer).model, _zero_stage(acc)):
                         feats = acc.unwrap_model(run.scorer).image_features(batch)
                 policy = run.scorer(batch, feats)
                 ref = reference_scores(run, batch, feats)
@@ -309,7 +371,7 @@ def train(run: Run) -> TrainResult:
                     delta=run.delta.value)
                 if not torch.isfinite(out.loss):
                     _nonfinite(step + 1, f"the loss is {out.loss.item()}", batch, tc.output_dir)
-                acc.backward(out.loss / accum)
+                _backward(run, out.loss, last_micro=micro == accum - 1)
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * batch.num_pairs
             n_pairs += batch.num_pairs
@@ -334,7 +396,25 @@ def train(run: Run) -> TrainResult:
             run.metrics.log(step, last)
         if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
             save(run, step)
+    getattr(batches, "close", lambda: None)()
     return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, run.rejects.total)
+
+
+def _backward(run: Run, loss: torch.Tensor, *, last_micro: bool) -> None:
+    """Backward of one micro-batch's mean loss; gradients of the optimizer step are the mean over its micro-batches.
+
+    DeepSpeed divides by its ``gradient_accumulation_steps`` (the same number) itself, reduces gradients across
+    ranks and runs clip + optimizer step + zero_grad inside ``engine.step()`` at the accumulation boundary; accelerate
+    marks that boundary only inside ``accumulate()``, which this loop does not use, so it is marked here.
+    """
+    if _zero_stage(run.accelerator) >= 0:
+        engine = run.scorer
+        engine.set_gradient_accumulation_boundary(last_micro)
+        engine.backward(loss)
+        if last_micro:
+            engine.step()
+    else:
+        run.accelerator.backward(loss / run.cfg.train.gradient_accumulation_steps)
 
 
 def _nonfinite(step: int, what: str, batch, output_dir: str) -> None:
@@ -353,17 +433,50 @@ def _position(run: Run, step: int) -> DataPosition:
     return DataPosition(absolute // run.order.steps_per_epoch, absolute % run.order.steps_per_epoch)
 
 
+def _model_state(run: Run) -> dict[str, torch.Tensor] | None:
+    """The full model weights for export when the weights are sharded, gathered on rank 0 (ZeRO-3: its 16-bit
+    gather, i.e. the weights the engine computes with). Collective: every rank calls it. ``None`` when every rank
+    holds the full weights (plain, DDP, ZeRO-0/1/2): ``save_pretrained`` then reads the unwrapped model itself."""
+    acc = run.accelerator
+    if acc.distributed_type != DistributedType.FSDP and _zero_stage(acc) != 3:
+        return None
+    # FSDP: accelerate's full-state gather, as for ZeRO-3; not run here (accelerate runs FSDP on GPUs only)
+    state = acc.get_state_dict(run.scorer)  # PairScorer keys: "model.<HF key>"; empty on ranks > 0
+    if not acc.is_main_process:
+        return None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    # The gather returns a separate copy per name; re-tie names of one parameter (lm_head = embed_tokens) so that
+    # save_pretrained drops the alias exactly as it does for a plain run's shared tensor.
+    first: dict[int, str] = {}
+    for name, p in acc.unwrap_model(run.scorer).model.named_parameters(remove_duplicate=False):
+        main = first.setdefault(id(p), name)
+        if main != name and main in state and name in state:
+            state[name] = state[main]
+    return state
+
+
 def save(run: Run, step: int) -> None:
     acc = run.accelerator
     acc.wait_for_everyone()
+    out = Path(run.cfg.train.output_dir)
+    weights = _model_state(run)
+    deepspeed = _zero_stage(acc) >= 0
+    if deepspeed:  # every rank writes its optimizer (and, under ZeRO-3, weight) partition into the same folder
+        if acc.is_main_process:
+            ckpt.start_checkpoint(out, step)
+        acc.wait_for_everyone()
+        ckpt.save_deepspeed_state(out, step, run.scorer)
+        acc.wait_for_everyone()
     if acc.is_main_process:
-        out = Path(run.cfg.train.output_dir)
         pos = _position(run, step)
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
-                 "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts)}
-        ckpt.save_checkpoint(out, step, model=acc.unwrap_model(run.scorer).model, optimizer=run.optimizer,
-                             scheduler=run.scheduler, trainer_state=state, config_text=run.config_text)
+                 "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
+                 "world_size": acc.num_processes}
+        ckpt.save_checkpoint(out, step, model=acc.unwrap_model(run.scorer).model,
+                             optimizer=None if deepspeed else run.optimizer, scheduler=run.scheduler,
+                             trainer_state=state, config_text=run.config_text, state_dict=weights,
+                             started=deepspeed)
         ckpt.prune_checkpoints(out, run.cfg.train.save_total_limit)
     acc.wait_for_everyone()
 
@@ -388,9 +501,10 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
 def export_final(run: Run) -> None:
     """``output_dir/final``: the trained model + processor, loadable by path like any checkpoint."""
     acc = run.accelerator
+    weights = _model_state(run)  # on every rank: gathering ZeRO-3 partitions is collective
     if not acc.is_main_process:
         return
     out = Path(run.cfg.train.output_dir) / "final"
     model = acc.unwrap_model(run.scorer).model
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
     load_processor(run.cfg.model.path, trust_remote_code=run.cfg.model.trust_remote_code).save_pretrained(out)

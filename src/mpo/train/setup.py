@@ -14,17 +14,24 @@ depth keeps firing), and the reference model always runs in eval mode with no gr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from mpo.train.config import ModelConfig
+from mpo.train.forward import PairScorer
 
 __all__ = ["ModelParts", "model_parts", "apply_freezing", "disable_dropout", "add_lora", "make_reference",
-           "count_parameters", "apply_vision_drop_path", "freeze_train_mode", "set_seed"]
+           "count_parameters", "apply_vision_drop_path", "freeze_train_mode", "set_seed", "param_ndim",
+           "deepspeed_config", "keep_used_weight_conversions", "ScoreTensors", "Zero3PairScorer",
+           "load_reference", "deepspeed_reference", "gathered_vision"]
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +154,69 @@ def make_reference(policy: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (full sizes also when ZeRO-3 partitioned the weights at load)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def keep_used_weight_conversions(model: nn.Module) -> None:
+    """Forget the checkpoint-key renamings that did not apply when the model was loaded.
+
+    ``save_pretrained`` reverses the renamings recorded at load time. transformers' ordinary loader records only
+    those that matched a key; its ZeRO-3 loader (``integrations/deepspeed.py``, 5.24) records all, legacy ones
+    included, and the reverse of an unused one (``^language_model.model.model`` → ``model.language_model``) adds a
+    ``model.`` to every language-model key of the saved InternVL. Filtering by ``was_used()`` restores the names
+    a plain run writes (tested: a ZeRO-3 run's export has the same keys and values as the plain run's).
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
+def param_ndim(p: torch.Tensor) -> int:
+    """Dimensions of a parameter's full shape: ZeRO-3 leaves a 0-element 1-D tensor on each rank after
+    partitioning, so ``p.dim()`` would put every matrix into the no-decay group."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
+# Keys that DeepSpeed's JSON may leave "auto" (accelerate fills them only inside a Trainer): mpo fills them from
+# its own config, and refuses a number that disagrees with it (name → the train.* key it comes from).
+_DS_FROM_CONFIG = {"train_micro_batch_size_per_gpu": "per_device_batch_size",
+                   "gradient_accumulation_steps": "gradient_accumulation_steps",
+                   "train_batch_size": "per_device_batch_size × gradient_accumulation_steps × processes",
+                   "gradient_clipping": "max_grad_norm"}
+
+
+def deepspeed_config(path: str | Path, *, per_device_batch_size: int, accumulation: int, world_size: int,
+                     max_grad_norm: float, model_dtype: str) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` with its "auto" values filled from the mpo run config.
+
+    Batch sizes, accumulation and clipping come from ``train.*``; DeepSpeed clips (``gradient_clipping``) and scales
+    the loss by 1/accumulation itself. ``bf16.enabled: "auto"`` becomes true for ``model.dtype=bfloat16`` (DeepSpeed
+    then keeps fp32 master weights and optimizer state) and is otherwise left to accelerate's mixed precision
+    (``ACCELERATE_MIXED_PRECISION``). Raises ``ValueError`` naming the key that disagrees with the run config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"train.deepspeed={path}: no such file (configs/deepspeed/ has zero2.json, zero3.json, "
+                         "zero3_offload.json)")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"train.deepspeed={path}: not valid JSON ({exc})") from None
+    ours = {"train_micro_batch_size_per_gpu": per_device_batch_size, "gradient_accumulation_steps": accumulation,
+            "train_batch_size": per_device_batch_size * accumulation * world_size, "gradient_clipping": max_grad_norm}
+    for key, value in ours.items():
+        found = ds.get(key, "auto")
+        if found == "auto":
+            ds[key] = value
+        elif float(found) != float(value):
+            raise ValueError(f"train.deepspeed={path}: {key}={found}, but the run config gives {value} (train."
+                             f"{_DS_FROM_CONFIG[key]}); set it to \"auto\" in the JSON or change the run config")
+    if model_dtype == "bfloat16" and ds.get("bf16", {}).get("enabled") == "auto":
+        ds["bf16"]["enabled"] = True
+    return ds
 
 
 def set_seed(seed: int) -> None:
@@ -161,3 +227,91 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed: the scorer and the reference under ZeRO
+
+
+class ScoreTensors(NamedTuple):
+    """:class:`~mpo.train.forward.PairScores` as a NamedTuple: chosen_logps, rejected_logps (B,), chosen_nll ()."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_nll: torch.Tensor
+
+
+class Zero3PairScorer(PairScorer):
+    """PairScorer for ZeRO-3, where each weight is gathered only around the modules that use it.
+
+    ``PairScorer.forward`` multiplies by the output-embedding weight directly (chunked log-softmax), outside
+    ``lm_head``'s own forward, so DeepSpeed must gather that weight for this module: it is registered as this
+    module's external parameter. DeepSpeed gathers it again before the backward only through hooks on tensors it
+    finds in the outputs, and it does not look inside a dataclass, so the scores come back as a NamedTuple (the
+    same field names). Without both, backward fails on the released weight ("size of tensor a (0)") whenever
+    lm_head is partitioned, i.e. for every untied model above ``stage3_param_persistence_threshold``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(self, model.get_output_embeddings().weight)
+
+    def forward(self, batch, image_features=None) -> ScoreTensors:  # type: ignore[override]
+        s = super().forward(batch, image_features)
+        return ScoreTensors(s.chosen_logps, s.rejected_logps, s.chosen_nll)
+
+
+def load_reference(cfg: ModelConfig, policy: nn.Module, zero_stage: int) -> nn.Module:
+    """The frozen reference: a deep copy of the loaded policy, or under ZeRO-3 a second load of the same weights.
+
+    Under ZeRO-3 transformers loads the model already partitioned (``deepspeed.zero.Init``): each rank holds
+    1/world of every weight, and a deep copy would copy partitions that no DeepSpeed engine manages. The second
+    load is partitioned the same way and becomes its own ZeRO-3 engine (:func:`deepspeed_reference`), so the
+    reference is sharded like the policy instead of a full replica per process.
+    """
+    if zero_stage < 3:
+        return make_reference(policy)
+    from mpo.models import load_model
+
+    ref = load_model(cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype,
+                     attn_implementation=cfg.attn_implementation)
+    keep_used_weight_conversions(ref)
+    disable_dropout(ref)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def deepspeed_reference(reference: PairScorer, ds_config: dict[str, Any], zero_stage: int) -> nn.Module:
+    """The in-loop reference of a DeepSpeed run (``ds_config``: the prepared engine's filled config).
+
+    ZeRO-3: wrapped in a DeepSpeed engine without optimizer, whose forward gathers each layer's weights when the
+    layer runs and frees them after. ZeRO-0/1/2: DeepSpeed computes the policy with its bf16/fp16 copy of the
+    weights (buffers such as RoPE's inv_freq stay fp32); the reference copy's parameters get the same dtype, or
+    the rewards would start at rounding noise instead of 0.
+    """
+    if zero_stage == 3:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=reference, config={k: v for k, v in ds_config.items()
+                                                                   if k not in ("optimizer", "scheduler")})
+        engine.eval()
+        return engine
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds_config.get(key, {}).get("enabled") is True:
+            for p in reference.parameters():
+                p.data = p.data.to(dtype)
+    return reference
+
+
+def gathered_vision(model: nn.Module, zero_stage: int) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3 the shared vision pass runs outside the engine's forward, where a direct parameter read sees
+    an empty partition: gather the (frozen) vision tower and projector for it, all at once. A no-op otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    parts = model_parts(model)
+    params = [p for m in (*parts.vision, *parts.projector) for p in m.parameters()]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
