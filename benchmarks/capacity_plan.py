@@ -337,9 +337,9 @@ def head_bytes(m: VLM, answer_tokens: int) -> float:
     return min(answer_tokens, LM_HEAD_CHUNK) * m.llm.vocab * 12
 
 
-def mask_bytes(tokens: int) -> float:
-    """Shared layout: a bool (L, L) mask per row; SDPA may add an additive bf16 copy (assumed: 3 B per entry)."""
-    return 3.0 * tokens**2
+def mask_bytes(s: PairShape) -> float:
+    """Shared layout with SDPA: the pair attention's only mask is the rejected call's bool (n_r, n_p + n_r) one."""
+    return float(s.rejected * (s.prompt + s.rejected))
 
 
 ZERO2_BUCKETS = 2 * 1e9 * 2  # configs/deepspeed/zero2.json: reduce + allgather buckets of 1e9 bf16 elements
@@ -358,7 +358,7 @@ def single_gpu(m: VLM, s: PairShape) -> SingleGPU:
     gradients, fp32 master weights and Adam moments: 2 + 2 + 12 B per trainable parameter, 2 B per frozen one,
     plus zero2.json's buckets); the in-loop reference is a bf16 copy."""
     t, a = s.shared_tokens, s.chosen + s.rejected
-    transient = act_bytes(m, t) + head_bytes(m, a) + mask_bytes(t)
+    transient = act_bytes(m, t) + head_bytes(m, a) + mask_bytes(s)
     lora_total = 2 * m.total() + m.llm.lora_params(LORA_RANK) * 16 + transient
     full = 2 * m.total() + (2 + 12) * m.llm.params() + ZERO2_BUCKETS + transient
     return SingleGPU(lora_total, full, full + 2 * m.total())
@@ -366,11 +366,12 @@ def single_gpu(m: VLM, s: PairShape) -> SingleGPU:
 
 def sharded_per_gpu(m: VLM, s: PairShape, gpus: int, reference: bool) -> float:
     """Presets (everything trains, bf16 weights + fp32 master/Adam = 16 B per parameter) sharded over ``gpus``
-    (ZeRO-3 or FSDP2); mpo keeps an in-loop reference as a full bf16 replica on every GPU."""
+    (ZeRO-3 or FSDP2); under ZeRO-3 mpo's in-loop reference is its own ZeRO-3 engine: bf16 weights sharded too,
+    plus its live gathered parameters."""
     t, a = s.shared_tokens, s.chosen + s.rejected
     per = 16 * m.total() / gpus + 2 * ZERO3_LIVE_PARAMS
-    per += act_bytes(m, t) + vit_act_bytes(m, s.tiles) + head_bytes(m, a) + mask_bytes(t)
-    return per + (2 * m.total() if reference else 0)
+    per += act_bytes(m, t) + vit_act_bytes(m, s.tiles) + head_bytes(m, a) + mask_bytes(s)
+    return per + (2 * m.total() / gpus + 2 * ZERO3_LIVE_PARAMS if reference else 0)
 
 
 def min_gpus(m: VLM, s: PairShape, reference: bool) -> str:
@@ -383,7 +384,7 @@ def min_gpus(m: VLM, s: PairShape, reference: bool) -> str:
 def precompute_fits(m: VLM, s: PairShape) -> bool:
     """mpo precompute-ref loads the whole bf16 model on each GPU and runs it without grad."""
     no_grad = s.shared_tokens * 2 * m.llm.layer_act_elems() * 2 + head_bytes(m, s.chosen + s.rejected) / 2
-    return gib(2 * m.total() + no_grad + mask_bytes(s.shared_tokens)) <= GPU_BUDGET_GIB
+    return gib(2 * m.total() + no_grad + mask_bytes(s)) <= GPU_BUDGET_GIB
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation (correctness pipeline)
@@ -536,9 +537,13 @@ def sec_flops() -> str:
     naive = train_total(parts["naive"])
     rows.append(["speed-up vs naive (FLOPs)"] + [f"{naive / train_total(parts[r]):.2f}×" for r, _ in recipes])
     useful = 4.0 * m.llm.layers * m.llm.q_dim * shared_pairs(s)
+    head = s.prompt + s.chosen
+    computed = 4.0 * m.llm.layers * m.llm.q_dim * (causal_pairs(head) + s.rejected * (s.prompt + s.rejected))
     dense = 4.0 * m.llm.layers * m.llm.q_dim * s.shared_tokens**2
-    note = (f"Attention is {3 * useful / train_total(parts['shared_cache']):.1%} of the cached recipe's FLOPs; mpo's "
-            f"SDPA call with a dense (L, L) mask computes all L² scores, {dense / useful:.2f}× the useful ones.")
+    note = (f"Attention is {3 * useful / train_total(parts['shared_cache']):.1%} of the cached recipe's FLOPs. mpo's "
+            f"pair attention runs prompt + chosen on the causal kernel and the rejected answer against [prompt, "
+            f"rejected] with a small mask: {computed / useful:.2f}× the useful scores (a dense (L, L) block mask: "
+            f"{dense / useful:.2f}×).")
     return f"{m.name}, {s.name}; TFLOPs per pair:\n\n" + _table(["part"] + [n for _, n in recipes], rows) + \
         f"\n\n{note}"
 
@@ -629,9 +634,10 @@ def sec_figures() -> str:
          f"{MFU[0] * 4 / 3:.0%}"],
         ["InternVL3.5-30B-A3B: language model's active parameters",
          f"{m30.llm.params(active=True) / 1e9:.2f}B"],
-        ["InternVL3.5-8B bf16 weights, held by each process while loading (ZERO3_INIT=false)",
+        ["InternVL3.5-8B bf16 weights (each ZeRO-3 rank holds 1/N of them, reference included)",
          f"{2 * m8.total() / 1e9:.1f} GB"],
-        ["shared-layout bool mask of one 16,384-token row", f"{gib(16384**2) * 1024:.0f} MiB"],
+        ["eager attention's block mask for one 16,384-token row (SDPA's pair attention builds none)",
+         f"{gib(16384**2) * 1024:.0f} MiB"],
         ["8B correctness sampling: prefill GPU-h saved by n=32 (seed-style − vLLM)",
          f"{seed['prefill_h'] - vllm['prefill_h']:,.0f}"],
         ["8B correctness sampling: total GPU-h saved by n=32, share of the seed-style total",

@@ -46,7 +46,7 @@ class DataConfig:
     max_dynamic_patch: int = field(12, help="Tile budget per row; a meta entry's max_dynamic_patch overrides it.", ge=1)
     on_bad_row: Literal["skip", "error"] = field("skip", help="skip: count it and write it to rejected_rows.jsonl; error: stop.")
     num_workers: int = field(0, help="DataLoader worker processes (image decoding, tiling, tokenizing).", ge=0)
-    prefetch_batches: int = field(1, help="Micro-batches prepared ahead in a background thread while the model "
+    prefetch_batches: int = field(0, help="Micro-batches prepared ahead in a background thread while the model "
                                   "computes (0: none); works with or without num_workers.", ge=0)
     seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).")
 
@@ -93,7 +93,9 @@ class TrainConfig:
                              "micro-batch is one unpadded row and the pair attention keeps pairs apart, so this "
                              "does not apply.", ge=0)
     ref_cache: str = field("", help="Folder of precomputed reference log-probs (mpo precompute-ref); empty = reference in the loop.")
-    deepspeed: str = field("", help="DeepSpeed JSON config for accelerate launch (multi-GPU presets).")
+    deepspeed: str = field("", help="DeepSpeed JSON (configs/deepspeed/); its \"auto\" batch, accumulation and "
+                           "clipping values are filled from train.*. Needs a launcher (torchrun or accelerate "
+                           "launch), also for one process.")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from mpo.data.rejects import RejectedRowLog
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, EncodedPairs
+from mpo.train.data import Collator, EncodedPairs, prefetch
 from mpo.train.forward import PairScorer
 from mpo.train.recipe import make_accelerator
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
@@ -66,6 +66,10 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
             seen.add(key)
             todo.append(i)
     mine = todo[acc.process_index::acc.num_processes]
+    # Every rank must split the same ``todo``: a rank still reading the parts while another already appends its
+    # first results would count those as done, get a shorter list, and stride past pairs that nobody computes (its
+    # read_parts could also cut another rank's half-written line as "torn"). Nobody writes before all have read.
+    acc.wait_for_everyone()
     model = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype,
                        attn_implementation=cfg.model.attn_implementation).to(acc.device)
     model.eval().requires_grad_(False)
@@ -77,19 +81,27 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     t0, n = time.perf_counter(), 0
     bar = tqdm(total=len(mine), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
                unit="pair")
+
+    def batches():
+        for start in range(0, len(mine), batch_size):
+            items = [dataset[i] for i in mine[start:start + batch_size]]
+            yield len(items), collate(items)
+
+    # decoding and tiling the next batches in a thread while the model runs: on a small model they are a quarter
+    # of the precompute otherwise (measured on benchmarks/bench_train.py internvl448)
+    ready = prefetch(batches(), cfg.data.prefetch_batches)
     try:
-        with torch.no_grad():
-            for start in range(0, len(mine), batch_size):
-                items = [dataset[i] for i in mine[start:start + batch_size]]
-                batch, errors = collate(items)
+        with torch.inference_mode():
+            for n_items, (batch, errors) in ready:
                 for err in errors:
                     rejects.write(err)
                 if batch is not None:
                     scores = scorer(batch.to(acc.device))
                     writer.write(batch.sources, scores.chosen_logps, scores.rejected_logps)
                     n += batch.num_pairs
-                bar.update(len(items))
+                bar.update(n_items)
     finally:
+        getattr(ready, "close", lambda: None)()
         bar.close()
         writer.close()
         rejects.close()
