@@ -11,8 +11,9 @@ only Σ Lᵢ²/2 are used. Here, per pair, the attention runs as two calls inste
   prompt, and the rejected answer causally.
 
 So all pairs of a batch sit in one row of Σ Lᵢ tokens with no padding at all, and no (L, L) mask is ever built.
-Pairs of the same shape go through SDPA together (one call per shape); the arithmetic is the plain layout's, so
-log-probs and gradients match it (tested to 1e-5 in fp32 against the plain two-sequence forward).
+Consecutive pairs of one shape go through SDPA together, as a (G, H, n, D) view of the row (no copy); the
+arithmetic is the plain layout's, so log-probs and gradients match it (tested to 1e-5 in fp32 against the plain
+two-sequence forward).
 
 The function is registered with transformers as the attention implementation ``mpo_pairs`` (and sdpa's mask
 function under the same name), and set on the *language model's* config only: the vision tower keeps its own.
@@ -45,12 +46,15 @@ class PairSpans:
     shapes: list[tuple[int, int, int]]
     total: int = 0
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _groups: dict[tuple[int, int, int], list[int]] = field(default_factory=dict, repr=False)
+    _runs: list[tuple[int, tuple[int, int, int]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.total = sum(map(sum, self.shapes))
-        for i, shape in enumerate(self.shapes):
-            self._groups.setdefault(shape, []).append(i)
+        for shape in self.shapes:  # runs of consecutive pairs of one shape: (count, shape)
+            if self._runs and self._runs[-1][1] == shape:
+                self._runs[-1] = (self._runs[-1][0] + 1, shape)
+            else:
+                self._runs.append((1, shape))
 
     def rejected_mask(self, n_p: int, n_r: int, device: torch.device) -> torch.Tensor:
         """(n_r, n_p + n_r) bool, True = may attend: the whole prompt, then the rejected answer causally."""
@@ -61,11 +65,6 @@ class PairSpans:
             mask[:, n_p:] = torch.ones(n_r, n_r, dtype=torch.bool, device=device).tril()
             self._masks[key] = mask
         return mask
-
-
-def _stack(parts: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
-    """(G, H, n, D) from G pieces of shape (1, H, n, D); one piece stays a view (no copy)."""
-    return parts[idx[0]] if len(idx) == 1 else torch.cat([parts[i] for i in idx], dim=0)
 
 
 def pair_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -89,23 +88,22 @@ def pair_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # GQA: one copy of K/V per layer; SDPA's enable_gqa leaves the CPU flash kernel
         key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
-    bounds = [n for n_p, n_c, n_r in spans.shapes for n in (n_p + n_c, n_r)]
-    q_parts, k_parts, v_parts = (t.split(bounds, dim=2) for t in (query, key, value))
-    q_a, q_r = q_parts[0::2], q_parts[1::2]
-    k_a, k_r, v_a, v_r = k_parts[0::2], k_parts[1::2], v_parts[0::2], v_parts[1::2]
-    out_a: list[torch.Tensor | None] = [None] * len(spans.shapes)
-    out_r: list[torch.Tensor | None] = [None] * len(spans.shapes)
-    for (n_p, _, n_r), idx in spans._groups.items():
-        ks, vs = _stack(k_a, idx), _stack(v_a, idx)
-        a = F.scaled_dot_product_attention(_stack(q_a, idx), ks, vs, dropout_p=dropout, scale=scaling, is_causal=True)
-        k_pr = torch.cat([ks[:, :, :n_p], _stack(k_r, idx)], dim=2)
-        v_pr = torch.cat([vs[:, :, :n_p], _stack(v_r, idx)], dim=2)
-        r = F.scaled_dot_product_attention(_stack(q_r, idx), k_pr, v_pr, dropout_p=dropout, scale=scaling,
+    out = []
+    # split (not slicing): its backward is one concatenation, where P slices of the row would each allocate a
+    # zero gradient of the whole row
+    runs = [(count, shape, qs, ks, vs) for (count, shape), qs, ks, vs in zip(
+        spans._runs, *(t.split([count * sum(shape) for count, shape in spans._runs], dim=2) for t in (query, key, value)))]
+    for count, (n_p, n_c, n_r), *qkv in runs:
+        # a run of G equal pairs is a (G, H, n, D) view of the row: one SDPA call for all of them, no copy
+        (q_a, q_r), (k_a, k_r), (v_a, v_r) = (t[0].unflatten(1, (count, n_p + n_c + n_r)).transpose(0, 1)
+                                              .split([n_p + n_c, n_r], dim=2) for t in qkv)
+        a = F.scaled_dot_product_attention(q_a, k_a, v_a, dropout_p=dropout, scale=scaling, is_causal=True)
+        k_pr = torch.cat([k_a[:, :, :n_p], k_r], dim=2)
+        v_pr = torch.cat([v_a[:, :, :n_p], v_r], dim=2)
+        r = F.scaled_dot_product_attention(q_r, k_pr, v_pr, dropout_p=dropout, scale=scaling,
                                            attn_mask=spans.rejected_mask(n_p, n_r, query.device))
-        for j, i in enumerate(idx):
-            out_a[i], out_r[i] = a[j:j + 1], r[j:j + 1]
-    out = torch.cat([t for pair in zip(out_a, out_r) for t in pair], dim=2)  # (1, H, N, D)
-    return out.transpose(1, 2).contiguous(), None
+        out.append(torch.cat([a, r], dim=2).transpose(1, 2).flatten(0, 1))  # (G·n, H, D)
+    return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(0), None  # (1, N, H, D)
 
 
 def _register() -> None:
