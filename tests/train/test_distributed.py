@@ -85,7 +85,8 @@ def test_delta_is_all_reduced_across_ranks(demo_model, demo_data, tmp_path):
         "from mpo.train.recipe import setup, train\n"
         "run = setup(load_config(RunConfig, sys.argv[1], sys.argv[2:]))\n"
         "train(run)\n"
-        "print('DELTA', run.accelerator.process_index, repr(run.delta.value), flush=True)\n")
+        # one write() per line: two ranks share the pipe, and print() writes the text and the newline apart
+        "sys.stdout.write(f'DELTA {run.accelerator.process_index} {run.delta.value!r}\\n'); sys.stdout.flush()\n")
     args = [DEMO, f"model.path={demo_model}", f"data.meta_path={demo_data / 'meta.json'}", *COMMON,
             "train.max_steps=3", "train.save_steps=0"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
