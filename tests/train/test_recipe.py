@@ -162,6 +162,32 @@ def test_required_meta(demo_model, tmp_path):
         run_train(cfg)
 
 
+def test_frozen_tower_with_trained_projector_is_shared_too(demo_model, demo_data, tmp_path):
+    """Tower frozen, projector trained (policy and reference projectors differ after step 1): the tower runs once
+    per micro-batch, each model runs its own projector on its output, and the run equals the unshared one."""
+    frozen = ("model.freeze_backbone=true", "train.learning_rate=1e-3", "train.lr_scheduler=constant",
+              "train.warmup_steps=0", "train.warmup_ratio=0")
+    run_a = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "a", *frozen))
+    assert run_a.share_vision == "tower"
+    calls = []
+    run_a.scorer.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    run_a.reference.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    train(run_a)
+    run_b = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "b", *frozen))
+    run_b.share_vision = ""
+    train(run_b)
+    assert 1 <= len(calls) <= 3  # one tower pass per micro-batch (3 steps of 4 pairs), not two
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-6)
+    projector = "multi_modal_projector"
+    pa = {n: p for n, p in run_a.scorer.model.named_parameters() if projector in n}
+    pb = dict(run_b.scorer.model.named_parameters())
+    assert pa and all(torch.allclose(p, pb[n], atol=1e-6) for n, p in pa.items())
+    ref_projector = next(p for n, p in run_a.reference.model.named_parameters() if projector in n)
+    assert not torch.allclose(next(iter(pa.values())), ref_projector)  # the projectors really differ
+
+
 def test_frozen_vision_is_computed_once_for_policy_and_reference(demo_model, demo_data, tmp_path):
     """With vision tower and projector frozen, policy and reference share one vision pass per pair: same run."""
     frozen = ("model.freeze_backbone=true", "model.freeze_mlp=true")

@@ -7,6 +7,7 @@ that TRL and InternVL materialise never exists here.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from mpo.train.attention import SPANS_KWARG, language_config, refuse_sliding_win
 from mpo.train.batch import PairBatch
 from mpo.train.shared import mrope_positions
 
-__all__ = ["PairScores", "PairScorer", "backbone_of"]
+__all__ = ["PairScores", "PairScorer", "TowerOutputs", "backbone_of"]
 
 
 @dataclass
@@ -67,7 +68,20 @@ class PairScorer(nn.Module):
         kwargs = {k: batch.model_inputs[k] for k in ("pixel_values", "image_grid_thw") if k in batch.model_inputs}
         return backbone_of(self.model).get_image_features(**kwargs)
 
+    def tower_outputs(self, batch: PairBatch) -> TowerOutputs:
+        """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs."""
+        tower = backbone_of(self.model).vision_tower
+        return TowerOutputs(tower(pixel_values=batch.model_inputs["pixel_values"], return_dict=True))
+
     def hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
+        """(R, L, H) last hidden states; ``image_features``: the backbone's image features (replace vision tower and
+        projector) or :class:`TowerOutputs` (replace the tower only), e.g. from another model's pass."""
+        if isinstance(image_features, TowerOutputs):
+            with _replayed_tower(backbone_of(self.model), image_features.output):
+                return self._hidden_states(batch, None)
+        return self._hidden_states(batch, image_features)
+
+    def _hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
         """(R, L, H) last hidden states of the backbone; ``image_features`` replaces the vision pass if given.
 
         Shared-layout rows run one forward each, cut to their own length: padding a row to the longest one
@@ -106,6 +120,34 @@ class PairScorer(nn.Module):
             out = backbone(input_ids=batch.input_ids[r:r + 1, :n], attention_mask=mask, use_cache=False, **row_kwargs)
             rows.append(torch.nn.functional.pad(out.last_hidden_state, (0, 0, 0, width - n)))
         return torch.cat(rows, dim=0)
+
+
+@dataclass
+class TowerOutputs:
+    """A frozen vision tower's output for one batch; passed as ``image_features`` it replaces the tower's forward
+    (the model's own layer selection, pixel shuffle and projector still run on it)."""
+
+    output: object
+
+
+class _Replay(nn.Module):
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@contextlib.contextmanager
+def _replayed_tower(backbone: nn.Module, output):
+    """``backbone.vision_tower`` answers with ``output`` for the duration (the tower itself is put back after)."""
+    tower = backbone.vision_tower
+    backbone.vision_tower = _Replay(output)
+    try:
+        yield
+    finally:
+        backbone.vision_tower = tower
 
 
 def _pays_to_split(batch: PairBatch, max_padding: float = 0.2) -> bool:

@@ -99,7 +99,7 @@ class Run:
     metrics: MetricsLogger
     start_step: int = 0
     config_text: str = ""
-    share_vision: bool = False
+    share_vision: str = ""  # "features" (tower + projector frozen), "tower" (tower frozen), "": none
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,9 +190,15 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
     # A frozen, deterministic vision tower + projector gives the policy and the reference copy identical image
-    # features: compute them once per pair for both (one vision pass per pair instead of TRL's four).
-    share_vision = (reference is not None and cfg.model.freeze_backbone and cfg.model.freeze_mlp
-                    and cfg.model.drop_path_rate == 0 and hasattr(backbone_of(model), "get_image_features"))
+    # features: compute them once per pair for both (one vision pass per pair instead of TRL's four). With only
+    # the tower frozen, the tower's output is shared and each model runs its own projector on it.
+    share_vision = ""
+    if reference is not None and cfg.model.freeze_backbone and cfg.model.drop_path_rate == 0:
+        backbone = backbone_of(model)
+        if cfg.model.freeze_mlp and hasattr(backbone, "get_image_features"):
+            share_vision = "features"
+        elif hasattr(backbone, "vision_tower") and zero_stage != 3:  # ZeRO-3 would have to gather it outside
+            share_vision = "tower"
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision)
 
@@ -354,7 +360,9 @@ def train(run: Run) -> TrainResult:
                 feats = None
                 if run.share_vision and "pixel_values" in batch.model_inputs:
                     with torch.no_grad(), gathered_vision(acc.unwrap_model(run.scorer).model, _zero_stage(acc)):
-                        feats = acc.unwrap_model(run.scorer).image_features(batch)
+                        bare = acc.unwrap_model(run.scorer)
+                        feats = bare.image_features(batch) if run.share_vision == "features" else \
+                            bare.tower_outputs(batch)
                 policy = run.scorer(batch, feats)
                 ref = reference_scores(run, batch, feats)
                 beta = cfg.loss.beta
