@@ -91,9 +91,8 @@ def pair_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     out = []
     # split (not slicing): its backward is one concatenation, where P slices of the row would each allocate a
     # zero gradient of the whole row
-    runs = [(count, shape, qs, ks, vs) for (count, shape), qs, ks, vs in zip(
-        spans._runs, *(t.split([count * sum(shape) for count, shape in spans._runs], dim=2) for t in (query, key, value)))]
-    for count, (n_p, n_c, n_r), *qkv in runs:
+    sizes = [count * sum(shape) for count, shape in spans._runs]
+    for (count, (n_p, n_c, n_r)), *qkv in zip(spans._runs, *(t.split(sizes, dim=2) for t in (query, key, value))):
         # a run of G equal pairs is a (G, H, n, D) view of the row: one SDPA call for all of them, no copy
         (q_a, q_r), (k_a, k_r), (v_a, v_r) = (t[0].unflatten(1, (count, n_p + n_c + n_r)).transpose(0, 1)
                                               .split([n_p + n_c, n_r], dim=2) for t in qkv)

@@ -84,9 +84,10 @@ class PairScorer(nn.Module):
     def _hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
         """(R, L, H) last hidden states of the backbone; ``image_features`` replaces the vision pass if given.
 
-        Shared-layout rows run one forward each, cut to their own length: padding a row to the longest one
-        costs 20–30 % of a step when tile counts differ (measured on the internvl448 benchmark), and a packed row
-        needs no batching partner. Positions at and past a row's length come back as zeros (never gathered).
+        One forward over the batch: the naive layout's padded rows, or the shared layout's single flat row (pair
+        attention). Only the eager shared layout has several rows of different lengths; they run one forward each,
+        cut to their own length, when padding would waste over 20 % (:func:`_pays_to_split`). Positions at and
+        past a row's length come back as zeros (never gathered).
         """
         backbone = backbone_of(self.model)
         kwargs = dict(batch.model_inputs)
