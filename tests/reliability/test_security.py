@@ -127,19 +127,19 @@ class Payload:
 
 @pytest.mark.parametrize("poisoned", ["optimizer.pt", "scheduler.pt", "rng.pt"])
 def test_checkpoint_state_with_a_pickle_payload_is_refused(tmp_path, poisoned):
-    from mpo.train.checkpoint import load_training_state, rng_state
+    from mpo.train.checkpoint import full_optimizer_state, load_training_state, rng_state
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    files = {"optimizer.pt": optimizer.state_dict(), "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
+    files = {"optimizer.pt": full_optimizer_state(model, optimizer), "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state()}
     marker = tmp_path / "payload-ran"
     files[poisoned] = {"state": Payload(marker)}
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
     (tmp_path / "trainer_state.json").write_text("{}")
     with pytest.raises(Exception, match="Weights only load failed"):
-        load_training_state(tmp_path, optimizer=optimizer, scheduler=scheduler)
+        load_training_state(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
     assert not marker.exists()
 
 

@@ -1,5 +1,5 @@
 """Two CPU processes (torchrun, gloo) train like one process with the same global batch; δ is all-reduced;
-checkpoints are written once; a run resumes across a changed world size (2 → 1)."""
+checkpoints are written once; a run resumes across a changed world size (2 → 1 and 1 → 2)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _max_diff(a, b):
 
 def test_two_processes_equal_one_process_and_resume_with_one(demo_model, demo_data, tmp_path):
     """Loss sigmoid + sft (no δ): 2 procs × 2 pairs == 1 proc × 2 pairs × 2 accumulation, to 1e-5 (fp32 sums in
-    another order). Then 2 procs for 2 steps + resume on 1 proc to 4 steps == 2 procs for 4 steps."""
+    another order). Then 2 procs for 2 steps + resume on 1 proc to 4 steps == 2 procs for 4 steps, and 1 → 2."""
     meta = demo_data / "meta.json"
     no_delta = ["loss.loss_types=[sigmoid,sft]", "loss.loss_weights=[0.8,1.0]"]
     _train(2, demo_model, meta, tmp_path / "two", *no_delta, "train.max_steps=4", "train.save_steps=2")
@@ -72,6 +72,12 @@ def test_two_processes_equal_one_process_and_resume_with_one(demo_model, demo_da
     _train(1, demo_model, meta, tmp_path / "mixed", *no_delta, "train.max_steps=4", "train.save_steps=2",
            "train.gradient_accumulation_steps=2", resume=True)
     assert _max_diff(_weights(tmp_path / "mixed" / "final"), two) < 1e-5
+    # and 1 → 2: rank 0 reads the checkpoint and broadcasts weights and optimizer state to rank 1
+    _train(1, demo_model, meta, tmp_path / "grown", *no_delta, "train.max_steps=2", "train.save_steps=2",
+           "train.gradient_accumulation_steps=2")
+    _train(2, demo_model, meta, tmp_path / "grown", *no_delta, "train.max_steps=4", "train.save_steps=2",
+           resume=True)
+    assert _max_diff(_weights(tmp_path / "grown" / "final"), two) < 1e-5
 
 
 def test_delta_is_all_reduced_across_ranks(demo_model, demo_data, tmp_path):

@@ -7,6 +7,11 @@ states as tensors/lists), and ``trainer_state.json`` (step, data position, the B
 written into ``.tmp-checkpoint-<step>`` and renamed into place only once complete, so an interrupted save leaves
 the previous checkpoint untouched and never a half-written one that resume would pick.
 
+``optimizer.pt`` holds the full optimizer state keyed by parameter name (torch's ``get_optimizer_state_dict`` with
+``full_state_dict``): under FSDP2 each rank's shards are gathered to rank 0 (``optimizer.state_dict()`` would hold
+rank 0's shard only), and on resume rank 0 reads the file and broadcasts, each rank keeping its own shard. Keyed by
+name, not by position, the same file resumes under FSDP2, DDP or one process, with any number of processes.
+
 Under DeepSpeed (any ZeRO stage) ``optimizer.pt`` is replaced by ``deepspeed/``: DeepSpeed's own checkpoint, one
 optimizer-state file per rank (ZeRO partitions the fp32 master weights and Adam moments), written by every rank
 into the same temporary folder. ``model/`` still holds the full weights (gathered on rank 0 under ZeRO-3), so a
@@ -30,7 +35,8 @@ import torch
 from mpo.fsio import atomic_write_json, replace_dir
 
 __all__ = ["save_checkpoint", "start_checkpoint", "save_deepspeed_state", "load_deepspeed_state",
-           "latest_checkpoint", "load_training_state", "rng_state", "set_rng_state", "prune_checkpoints"]
+           "full_optimizer_state", "full_weights", "retie", "load_full_weights", "latest_checkpoint", "load_training_state", "rng_state",
+           "set_rng_state", "prune_checkpoints"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _DS_DIR, _DS_TAG = "deepspeed", "state"
@@ -60,6 +66,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _multi_process() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The optimizer state of ``model``'s parameters, keyed by parameter name, with full (unsharded) tensors on the
+    CPU; ``None`` on ranks other than 0. Collective: every rank calls it (FSDP2 gathers the shards)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    multi = _multi_process()
+    state = get_optimizer_state_dict(model, _plain(optimizer), options=_options(cpu_offload=multi))
+    return state if not multi or torch.distributed.get_rank() == 0 else None
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of a sharded (FSDP2) ``model`` on rank 0's CPU, tied names re-tied (:func:`retie`); ``None``
+    on other ranks. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(cpu_offload=_multi_process()))
+    return retie(model, state) if state else None
+
+
+def retie(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the names of one shared parameter (lm_head = embed_tokens) pointing at one tensor again.
+
+    A gather returns a separate copy per name; ``save_pretrained`` drops a tied alias only when both names share
+    storage, so without this a sharded run's checkpoint would hold a key a plain run's has not."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        main = first.setdefault(id(p), name)
+        if main != name and main in state and name in state:
+            state[name] = state[main]
+    return state
+
+
+def load_full_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:
+    """Load full weights into ``model``, sharded (FSDP2) or not. With several processes only rank 0 passes the
+    weights (others ``None``) and they are broadcast, so a large model is read from disk once per node, not per
+    process. Collective under several processes."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    multi = _multi_process()
+    set_model_state_dict(model, state_dict or {}, options=_options(broadcast_from_rank0=multi))
+
+
+def _load_optimizer_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    multi = _multi_process()
+    state: dict[str, Any] = {}
+    if not multi or torch.distributed.get_rank() == 0:
+        state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        keys = list(state.get("state", {}))
+        if keys and not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{path / 'optimizer.pt'} holds the optimizer state by parameter position (written "
+                             "by an older mpo); resume that run with the mpo that started it")
+    set_optimizer_state_dict(model, _plain(optimizer), state, options=_options(broadcast_from_rank0=multi))
+
+
+def _plain(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (whose ``step`` would skip steps between accumulation
+    boundaries, and torch's loader steps it once to create the state it then fills)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _tmp(output_dir: Path, step: int) -> Path:
@@ -97,22 +176,23 @@ def load_deepspeed_state(path: Path, engine: Any, world_size: int) -> None:
                          "resumes with the number of processes that wrote it)")
 
 
-def save_checkpoint(output_dir: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(output_dir: Path, step: int, *, model: torch.nn.Module, optimizer_state: dict[str, Any] | None,
                     scheduler: Any, trainer_state: dict[str, Any], config_text: str,
                     rng: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
                     started: bool = False) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically; returns its path.
+    """Write ``output_dir/checkpoint-<step>`` atomically (rank 0); returns its path.
 
-    ``state_dict``: the full weights when ``model``'s own are sharded (gathered by the caller); ``optimizer=None``
-    with ``started=True``: DeepSpeed already wrote the optimizer state into the folder (:func:`save_deepspeed_state`).
+    ``optimizer_state``: :func:`full_optimizer_state`; ``None`` with ``started=True``: DeepSpeed already wrote the
+    optimizer state into the folder (:func:`save_deepspeed_state`). ``state_dict``: the full weights when
+    ``model``'s own are sharded (gathered by the caller).
     """
     final = output_dir / f"checkpoint-{step}"
     tmp = _tmp(output_dir, step) if started else start_checkpoint(output_dir, step)
-    if optimizer is None and not (tmp / _DS_DIR).is_dir():
-        raise ValueError(f"{tmp}: no optimizer state (neither an optimizer nor a {_DS_DIR}/ folder)")
+    if optimizer_state is None and not (tmp / _DS_DIR).is_dir():
+        raise ValueError(f"{tmp}: no optimizer state (neither an optimizer state nor a {_DS_DIR}/ folder)")
     model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
@@ -134,14 +214,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_training_state(path: Path, *, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> dict[str, Any]:
+def load_training_state(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                        scheduler: Any) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG from ``path``; returns ``trainer_state.json``. ``optimizer=None``:
-    DeepSpeed restored it (:func:`load_deepspeed_state`)."""
+    DeepSpeed restored it (:func:`load_deepspeed_state`). Collective under several processes (rank 0 reads the
+    optimizer state and broadcasts it)."""
     if optimizer is not None:
         if not (path / "optimizer.pt").is_file():
             raise ValueError(f"{path} was written by DeepSpeed (no optimizer.pt, a {_DS_DIR}/ folder); resume it "
                              "with the same train.deepspeed and number of processes")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        _load_optimizer_state(path, model, optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

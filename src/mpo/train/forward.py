@@ -61,7 +61,9 @@ class PairScorer(nn.Module):
             2 * batch.num_pairs, chunk_size=self.chunk_size)
         chosen_segments = torch.arange(2 * batch.num_pairs, device=token_logps.device) % 2 == 0
         nll = token_mean_nll(token_logps, batch.segment_ids, chosen_segments)
-        return PairScores(chosen_logps=sums[0::2], rejected_logps=sums[1::2], chosen_nll=nll)
+        # copies, not strided views of ``sums``: FSDP2 hooks a wrapped module's outputs for backward, and an in-place
+        # op on a view would silently drop that hook (it warns about every view it returns)
+        return PairScores(chosen_logps=sums[0::2].clone(), rejected_logps=sums[1::2].clone(), chosen_nll=nll)
 
     def image_features(self, batch: PairBatch):
         """The backbone's image features of the batch (vision tower + projector), for reuse by another model."""

@@ -291,11 +291,14 @@ def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler,
 
         set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
     else:
-        # through from_pretrained, so that transformers' checkpoint key mapping applies both ways
-        saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict())
+        # through from_pretrained, so that transformers' checkpoint key mapping applies both ways; read by rank 0
+        # alone and broadcast (into each rank's shard under FSDP2)
+        saved = None
+        if accelerator.is_main_process:
+            saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype).state_dict()
+        ckpt.load_full_weights(model, saved)
         del saved
-    trainer_state = ckpt.load_training_state(path, optimizer=optimizer, scheduler=scheduler)
+    trainer_state = ckpt.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
     delta.load_state_dict(trainer_state["delta"])
     rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
     pos = trainer_state["position"]
@@ -446,21 +449,15 @@ def _model_state(run: Run) -> dict[str, torch.Tensor] | None:
     gather, i.e. the weights the engine computes with). Collective: every rank calls it. ``None`` when every rank
     holds the full weights (plain, DDP, ZeRO-0/1/2): ``save_pretrained`` then reads the unwrapped model itself."""
     acc = run.accelerator
-    if acc.distributed_type != DistributedType.FSDP and _zero_stage(acc) != 3:
+    model = acc.unwrap_model(run.scorer).model
+    if acc.distributed_type == DistributedType.FSDP:
+        return ckpt.full_weights(model)
+    if _zero_stage(acc) != 3:
         return None
-    # FSDP: accelerate's full-state gather, as for ZeRO-3; not run here (accelerate runs FSDP on GPUs only)
     state = acc.get_state_dict(run.scorer)  # PairScorer keys: "model.<HF key>"; empty on ranks > 0
     if not acc.is_main_process:
         return None
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    # The gather returns a separate copy per name; re-tie names of one parameter (lm_head = embed_tokens) so that
-    # save_pretrained drops the alias exactly as it does for a plain run's shared tensor.
-    first: dict[int, str] = {}
-    for name, p in acc.unwrap_model(run.scorer).model.named_parameters(remove_duplicate=False):
-        main = first.setdefault(id(p), name)
-        if main != name and main in state and name in state:
-            state[name] = state[main]
-    return state
+    return ckpt.retie(model, {k.removeprefix("model."): v for k, v in state.items()})
 
 
 def save(run: Run, step: int) -> None:
@@ -475,14 +472,15 @@ def save(run: Run, step: int) -> None:
         acc.wait_for_everyone()
         ckpt.save_deepspeed_state(out, step, run.scorer)
         acc.wait_for_everyone()
+    model = acc.unwrap_model(run.scorer).model
+    optimizer_state = None if deepspeed else ckpt.full_optimizer_state(model, run.optimizer)  # collective (FSDP2)
     if acc.is_main_process:
         pos = _position(run, step)
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
                  "world_size": acc.num_processes}
-        ckpt.save_checkpoint(out, step, model=acc.unwrap_model(run.scorer).model,
-                             optimizer=None if deepspeed else run.optimizer, scheduler=run.scheduler,
+        ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
                              started=deepspeed)
         ckpt.prune_checkpoints(out, run.cfg.train.save_total_limit)
