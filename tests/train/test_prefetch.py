@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import threading
 import time
 
@@ -53,3 +55,13 @@ def test_dropping_the_iterator_stops_its_thread():
     del it
     thread.join(timeout=2)
     assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_the_thread_runs_at_the_lowest_priority_and_the_caller_keeps_its_own():
+    def source():
+        yield os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert list(prefetch(source(), 1)) == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

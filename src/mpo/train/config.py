@@ -46,8 +46,9 @@ class DataConfig:
     max_dynamic_patch: int = field(12, help="Tile budget per row; a meta entry's max_dynamic_patch overrides it.", ge=1)
     on_bad_row: Literal["skip", "error"] = field("skip", help="skip: count it and write it to rejected_rows.jsonl; error: stop.")
     num_workers: int = field(0, help="DataLoader worker processes (image decoding, tiling, tokenizing).", ge=0)
-    prefetch_batches: int = field(0, help="Micro-batches prepared ahead in a background thread while the model "
-                                  "computes (0: none); works with or without num_workers.", ge=0)
+    prefetch_batches: int = field(1, help="Micro-batches prepared ahead in a background thread (at the lowest OS "
+                                  "priority on Linux) while the model computes (0: none); works with or without "
+                                  "num_workers.", ge=0)
     seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).")
 
 

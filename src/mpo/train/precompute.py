@@ -87,9 +87,8 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
             items = [dataset[i] for i in mine[start:start + batch_size]]
             yield len(items), collate(items)
 
-    # decoding and tiling the next batch in a thread while the model runs (always, unlike training's
-    # data.prefetch_batches): without a backward the forward leaves more idle time to fill, and on the internvl448
-    # benchmark decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
+    # decoding and tiling the next batch in a (nice 19) thread while the model runs, whatever data.prefetch_batches
+    # says: on the internvl448 benchmark decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
     ready = prefetch(batches(), 1)
     try:
         with torch.inference_mode():
