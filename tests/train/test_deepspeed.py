@@ -140,6 +140,20 @@ def test_zero3_partitioned_resumes_and_exports_the_plain_weights(demo_model, dem
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_zero3_rank_without_images_keeps_step_with_a_rank_with_images(demo_model, demo_data, tmp_path):
+    """One pair per process, the vision tower trained, every weight partitioned: the demo's text-only rows give
+    micro-steps where one rank has an image and the other none. Before the vision filler went through the
+    backbone like real features, ZeRO-3 hung at step 5 (one rank gathering a vision layer for backward while the
+    other reduce-scattered its gradients). Now 8 steps equal one plain process with accumulation 2."""
+    meta, zero3 = demo_data / "meta.json", _partitioning_zero3(tmp_path)
+    one_pair = ["train.per_device_batch_size=1", "train.max_steps=8", "train.save_steps=0"]
+    _train(2, demo_model, meta, tmp_path / "zero3", *NO_DELTA, *one_pair, f"train.deepspeed={zero3}")
+    _train(1, demo_model, meta, tmp_path / "plain", *NO_DELTA, *one_pair, "train.gradient_accumulation_steps=2")
+    assert _max_diff(_weights(tmp_path / "zero3" / "final"), _weights(tmp_path / "plain" / "final")) < 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero2_bf16_reference_scores_in_the_policy_dtype(demo_model, demo_data, tmp_path, monkeypatch):
     """Under bf16 DeepSpeed computes the policy with bf16 weights; the in-loop reference copy (not a DeepSpeed
     engine below ZeRO-3) is cast the same way, so at step 1, before any update, every reward is exactly 0 (with an

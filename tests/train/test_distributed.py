@@ -80,6 +80,19 @@ def test_two_processes_equal_one_process_and_resume_with_one(demo_model, demo_da
     assert _max_diff(_weights(tmp_path / "grown" / "final"), two) < 1e-5
 
 
+def test_a_rank_without_images_keeps_step_with_a_rank_with_images(demo_model, demo_data, tmp_path):
+    """One pair per process: the demo's text-only rows give micro-steps where one rank has an image and the other
+    none. Without the vision filler DDP's gradient buckets paired up wrongly and gloo aborted at step 5 ("Received
+    data size doesn't match expected size"). With it: the run finishes and equals one process with accumulation 2
+    (the filler's weight is 0)."""
+    meta = demo_data / "meta.json"
+    no_delta = ["loss.loss_types=[sigmoid,sft]", "loss.loss_weights=[0.8,1.0]", "train.per_device_batch_size=1",
+                "train.max_steps=8", "train.save_steps=0"]
+    _train(2, demo_model, meta, tmp_path / "two", *no_delta)
+    _train(1, demo_model, meta, tmp_path / "one", *no_delta, "train.gradient_accumulation_steps=2")
+    assert _max_diff(_weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")) < 1e-5
+
+
 def test_delta_is_all_reduced_across_ranks(demo_model, demo_data, tmp_path):
     """Full MPO: each rank prints its δ after training; they are equal, and equal to the 1-process δ (the running
     mean of per-micro-step global means has the same value at the end of each optimizer step)."""

@@ -225,3 +225,43 @@ def test_sliding_window_models_are_refused():
     assert "sliding_attention" in model.config.layer_types
     with pytest.raises(ValueError, match="sliding-window attention layers.*use train.pair_layout=naive"):
         use_pair_attention(backbone_of(model))
+
+
+def _vision_grads(model, batch, vision_first):
+    model.zero_grad()
+    scores = PairScorer(model, vision_first=vision_first)(batch)
+    (scores.chosen_logps.sum() - scores.rejected_logps.sum() + scores.chosen_nll).backward()
+    return scores, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_vision_first_and_the_filler_change_no_value(encoded, qwen_encoded, demo_model, family):
+    """Several processes: the vision modules run before the backbone (``vision_first``) and a micro-batch without
+    images runs a blank filler image through them. Image batches: the same log-probs and gradients as the plain
+    forward. Text batches: the same log-probs and gradients, and every vision parameter has a gradient (zeros):
+    DDP's buckets and ZeRO-3's reduce-scatter then see the same parameters on every rank."""
+    from mpo.train.data import Collator, vision_filler
+
+    if family == "internvl":
+        (by_task, pad_id), m = encoded, load_model(demo_model, attn_implementation="sdpa")
+        processor = load_processor(demo_model)
+    else:
+        by_task, pad_id, m = qwen_encoded
+        processor = load_processor(m.name_or_path)
+    filler = vision_filler(PairEncoder(processor, max_length=512))
+    collate = Collator(pad_id, "shared", vision_filler=filler)
+    images, _ = collate(by_task["shape_colour"][:2] + by_task["pair_colour"][:1])
+    text, _ = collate(by_task["text_arith"][:3])
+    assert images.vision_filler is None and text.vision_filler is not None
+    vision = [n for n, _ in m.named_parameters() if "vision" in n or "visual" in n or "projector" in n]
+    assert vision
+    for batch in (images, text):
+        plain, plain_grads = _vision_grads(m, batch, vision_first=False)
+        first, first_grads = _vision_grads(m, batch, vision_first=True)
+        torch.testing.assert_close(first.chosen_logps, plain.chosen_logps, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(first.rejected_logps, plain.rejected_logps, atol=1e-6, rtol=1e-6)
+        for name, grad in first_grads.items():
+            if batch is text and name in vision:
+                assert grad is not None and not grad.any(), name  # present, and zero
+            else:
+                torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -61,6 +61,9 @@ class PairBatch:
     spans: PairSpans | None = None
     """shared layout with pair attention (sdpa): the pairs of the single flat row; ``attention_mask`` is then a
     (1, 1, 1, 1) placeholder that the pair attention ignores (see ``mpo.train.attention``)."""
+    vision_filler: dict[str, torch.Tensor] | None = None
+    """several processes, a micro-batch without images: one blank image's inputs, which the scorer runs through
+    the vision modules with a zero weight (:class:`mpo.train.data.Collator`)."""
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -68,7 +71,8 @@ class PairBatch:
             self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
             position_ids=move(self.position_ids), model_inputs={k: move(v) for k, v in self.model_inputs.items()},
             predict_index=move(self.predict_index), target_ids=move(self.target_ids),
-            segment_ids=move(self.segment_ids))
+            segment_ids=move(self.segment_ids),
+            vision_filler=None if self.vision_filler is None else {k: move(v) for k, v in self.vision_filler.items()})
 
 
 def _concat_image_inputs(pairs: Sequence, order: Sequence[int]) -> dict[str, torch.Tensor]:

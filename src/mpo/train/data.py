@@ -34,7 +34,7 @@ from mpo.train.shared import collate_shared
 
 log = logging.getLogger("mpo.train")
 
-__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch"]
+__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch", "vision_filler"]
 
 
 class EncodedPairs(Dataset):
@@ -112,12 +112,23 @@ class ResumableOrder(Sampler[list[int]]):
 
 
 class Collator:
-    """list of (EncodedPair | RowError) → (PairBatch | None, errors). Picklable for DataLoader workers."""
+    """list of (EncodedPair | RowError) → (PairBatch | None, errors). Picklable for DataLoader workers.
+
+    ``vision_filler`` (:func:`vision_filler`; several processes only): attached to every micro-batch without
+    images. Under DDP, FSDP2 and ZeRO-3 each rank's forward takes part in collectives per module (gradient
+    buckets, parameter all-gathers); a rank whose micro-batch has no image would skip the vision modules that
+    another rank runs, and the collectives would pair up wrongly (gloo aborts with "Received data size doesn't
+    match expected size"; NCCL hangs). The scorer runs the filler through the same vision modules with weight 0,
+    which changes no loss and no gradient value. InternVL's own trainer feeds a dummy image to text rows for the
+    same reason.
+    """
 
     def __init__(self, pad_id: int, layout: str = "naive", *, pack_length: int | None = None,
-                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+                 attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                 vision_filler: dict[str, torch.Tensor] | None = None):
         self.pad_id, self.layout, self.pack_length = pad_id, layout, pack_length
         self.attn_implementation, self.dtype = attn_implementation, dtype
+        self.vision_filler = vision_filler
 
     def __call__(self, items: list[EncodedPair | RowError]) -> tuple[PairBatch | None, list[RowError]]:
         errors = [x for x in items if isinstance(x, RowError)]
@@ -130,7 +141,23 @@ class Collator:
         else:
             batch = collate_naive(pairs, self.pad_id)
         batch.pair_ids = [getattr(p, "index", -1) for p in pairs]
+        if self.vision_filler is not None and not any(k in batch.model_inputs for k in self.vision_filler):
+            batch.vision_filler = self.vision_filler
         return batch, errors
+
+
+def vision_filler(encoder: PairEncoder) -> dict[str, torch.Tensor]:
+    """The image inputs (pixel_values, image_grid_thw, ...) of one small blank image, as ``encoder``'s processor
+    makes them for a one-tile row: what :class:`Collator` attaches to micro-batches without images."""
+    from PIL import Image
+
+    from mpo.data.encode import TOKEN_ALIGNED_KEYS
+    from mpo.data.records import PreferenceRecord
+
+    record = PreferenceRecord(dataset="<vision filler>", line=0, question="<image>\n.", chosen=".", rejected=".",
+                              images=("<blank>",))
+    pair = encoder.encode(record, [Image.new("RGB", (64, 64), (255, 255, 255))], max_patches=1)
+    return {k: v for k, v in pair.image_inputs.items() if k not in TOKEN_ALIGNED_KEYS}
 
 
 _END = object()

@@ -8,6 +8,7 @@ that TRL and InternVL materialise never exists here.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,30 @@ class PairScorer(nn.Module):
     forward they have to synchronise.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+    def __init__(self, model: nn.Module, chunk_size: int = 4096, *, vision_first: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.vision_first = vision_first
+        """Run the vision modules before the backbone's forward and hand it their features, instead of letting the
+        backbone run them between its token embedding and its layers. Set for several processes: a micro-batch
+        without images then runs its vision filler at the same place in the graph as an image micro-batch runs its
+        images, so every rank gathers parameters (ZeRO-3, FSDP2) and produces gradients (DDP buckets, ZeRO
+        reduce-scatter) in the same order. The values are the same either way."""
 
     def forward(self, batch: PairBatch, image_features=None) -> PairScores:  # noqa: D401
+        filler = batch.vision_filler
+        shared_features = image_features is not None and not isinstance(image_features, TowerOutputs)
+        if self.vision_first and not shared_features:
+            inputs = filler if filler is not None else batch.model_inputs
+            if "pixel_values" in inputs:
+                image_features = self._vision(inputs, image_features)
+        if filler is not None:  # a micro-batch without images: the features are the filler's, for no token
+            # Cut to zero rows and handed to the backbone like an image batch's features: it scatters them into no
+            # position (the model's check of image tokens against features sees 0 = 0), and the graph is the one
+            # of an image batch, so the backward reaches the vision modules at the same point, in the same order,
+            # with zero gradients.
+            image_features = _no_rows(image_features) if self.vision_first and not shared_features else None
         hidden = self.hidden_states(batch, image_features)
         head = self.model.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_index)
@@ -66,14 +85,27 @@ class PairScorer(nn.Module):
         return PairScores(chosen_logps=sums[0::2].clone(), rejected_logps=sums[1::2].clone(), chosen_nll=nll)
 
     def image_features(self, batch: PairBatch):
-        """The backbone's image features of the batch (vision tower + projector), for reuse by another model."""
-        kwargs = {k: batch.model_inputs[k] for k in ("pixel_values", "image_grid_thw") if k in batch.model_inputs}
+        """The backbone's image features of the batch (vision tower + projector), for reuse by another model; of
+        its vision filler when it has one."""
+        inputs = batch.model_inputs if batch.vision_filler is None else batch.vision_filler
+        kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
         return backbone_of(self.model).get_image_features(**kwargs)
 
     def tower_outputs(self, batch: PairBatch) -> TowerOutputs:
-        """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs."""
+        """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs;
+        of the batch's vision filler when it has one."""
+        inputs = batch.model_inputs if batch.vision_filler is None else batch.vision_filler
         tower = backbone_of(self.model).vision_tower
-        return TowerOutputs(tower(pixel_values=batch.model_inputs["pixel_values"], return_dict=True))
+        return TowerOutputs(tower(pixel_values=inputs["pixel_values"], return_dict=True))
+
+    def _vision(self, inputs: dict[str, torch.Tensor], tower: TowerOutputs | None):
+        """The backbone's image features of ``inputs`` (vision tower + projector, or the projector alone on a
+        shared ``tower`` output), with gradients where the parts train."""
+        backbone = backbone_of(self.model)
+        kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        replay = _replayed_tower(backbone, tower.output) if tower is not None else contextlib.nullcontext()
+        with replay:
+            return backbone.get_image_features(**kwargs)
 
     def hidden_states(self, batch: PairBatch, image_features=None) -> torch.Tensor:
         """(R, L, H) last hidden states; ``image_features``: the backbone's image features (replace vision tower and
@@ -182,3 +214,17 @@ def _row_features(features, slices: dict[str, tuple[int, int]]):
     else:
         start, end = slices["pixel_values"]
     return BaseModelOutputWithPooling(pooler_output=pooled[start:end])
+
+
+def _no_rows(out):
+    """A ``get_image_features`` result with its consumed features (the tensor itself, the ``pooler_output`` of a
+    ModelOutput, or each element of a tuple) cut to zero rows; the cut keeps them in the autograd graph."""
+    if isinstance(out, torch.Tensor):
+        return out[:0]
+    if getattr(out, "pooler_output", None) is not None:
+        cut = copy.copy(out)
+        cut.pooler_output = _no_rows(out.pooler_output)
+        return cut
+    if isinstance(out, (tuple, list)):
+        return type(out)(_no_rows(v) for v in out)
+    raise TypeError(f"get_image_features returned {type(out).__name__}, which mpo does not know how to read")

@@ -15,6 +15,7 @@ data loader; a ~150-line loop on Accelerate (which still gives DDP, DeepSpeed an
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
 from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch
+from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch, vision_filler
 from mpo.train.forward import PairScorer, PairScores, backbone_of
 from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
@@ -125,7 +126,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     disable_dropout(model)
     apply_freezing(model, cfg.model)
     tc = cfg.train
-    scorer_type = Zero3PairScorer if zero_stage == 3 else PairScorer
+    # several processes: every micro-batch runs the vision modules, first (PairScorer.vision_first, Collator)
+    multi = accelerator.num_processes > 1 and hasattr(backbone_of(model), "get_image_features")
+    scorer_type = functools.partial(Zero3PairScorer if zero_stage == 3 else PairScorer, vision_first=multi)
     reference = (None if cfg.model.lora.r > 0 or tc.ref_cache
                  else scorer_type(load_reference(cfg.model, model, zero_stage)))
     apply_vision_drop_path(model, cfg.model.drop_path_rate)  # after the copy: the reference stays deterministic
@@ -184,8 +187,10 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
             raise TrainingError(f"--resume: {exc}") from None
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
     order.start = position
+    filler = vision_filler(dataset.encoder) if multi else None
     collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
-                        attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype)
+                        attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype,
+                        vision_filler=filler)
     loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
@@ -361,7 +366,7 @@ def train(run: Run) -> TrainResult:
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.scorer)
             with sync:
                 feats = None
-                if run.share_vision and "pixel_values" in batch.model_inputs:
+                if run.share_vision and ("pixel_values" in batch.model_inputs or batch.vision_filler is not None):
                     with torch.no_grad(), gathered_vision(acc.unwrap_model(run.scorer).model, _zero_stage(acc)):
                         bare = acc.unwrap_model(run.scorer)
                         feats = bare.image_features(batch) if run.share_vision == "features" else \

@@ -252,8 +252,8 @@ class Zero3PairScorer(PairScorer):
     lm_head is partitioned, i.e. for every untied model above ``stage3_param_persistence_threshold``.
     """
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, *, vision_first: bool = False):
+        super().__init__(model, vision_first=vision_first)
         import deepspeed
 
         deepspeed.zero.register_external_parameter(self, model.get_output_embeddings().weight)
