@@ -7,7 +7,9 @@ same one, so that a step under FSDP2, which averages the ranks' gradients, equal
 mpo checkpoint after step ``--save-at`` with ``mpo.train.checkpoint``, and the final full weights to
 ``OUT/final.pt`` (and those after step ``--save-at`` to ``OUT/step<N>.pt``). ``--fsdp``: shard the model with torch's ``fully_shard`` over the units ``configs/fsdp2.yaml``
 names (each decoder layer and vision layer, then the root), as accelerate's FSDP2 path does on GPUs.
-``--resume``: start from that checkpoint with ``load_full_weights`` + ``load_training_state``.
+``--resume``: start from that checkpoint with ``load_full_weights`` + ``load_training_state``. ``--mixed``: at each
+step one pair with an image and one text-only pair, one per rank (the text rank runs mpo's vision filler), or both
+accumulated in one process.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=2)
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--resume", type=Path)
+    parser.add_argument("--mixed", action="store_true")
     args = parser.parse_args()
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -39,7 +42,7 @@ def main() -> None:
     from mpo.data.mixture import PreferenceMixture
     from mpo.models import load_model, load_processor
     from mpo.train import checkpoint as ckpt
-    from mpo.train.data import Collator, EncodedPairs
+    from mpo.train.data import Collator, EncodedPairs, vision_filler
     from mpo.train.forward import PairScorer
 
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -48,7 +51,7 @@ def main() -> None:
     rank0 = not multi or dist.get_rank() == 0
     torch.manual_seed(0)
     model = load_model(args.model, attn_implementation="sdpa")
-    scorer = PairScorer(model)
+    scorer = PairScorer(model, vision_first=multi)  # as mpo's setup does with several processes
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -72,18 +75,27 @@ def main() -> None:
         start = ckpt.load_training_state(args.resume, model=model, optimizer=optimizer, scheduler=scheduler)["step"]
 
     processor = load_processor(args.model)
-    dataset = EncodedPairs(PreferenceMixture(read_meta(args.meta), seed=0, max_dynamic_patch=1),
-                           PairEncoder(processor, max_length=512))
-    collate = Collator(processor.tokenizer.pad_token_id, "shared", attn_implementation="sdpa", dtype=torch.float32)
+    mixture = PreferenceMixture(read_meta(args.meta), seed=0, max_dynamic_patch=1)
+    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=512))
+    collate = Collator(processor.tokenizer.pad_token_id, "shared", attn_implementation="sdpa", dtype=torch.float32,
+                       vision_filler=vision_filler(dataset.encoder) if multi else None)
+    text = [i for i in range(len(mixture)) if mixture.source(i)[0] == "text_arith"]
+    image = [i for i in range(len(mixture)) if mixture.source(i)[0] != "text_arith"]
     full = StateDictOptions(full_state_dict=True, cpu_offload=multi)
     args.out.mkdir(parents=True, exist_ok=True)
     for step in range(start + 1, args.steps + 1):
-        batch, errors = collate([dataset[2 * step], dataset[2 * step + 1]])
-        assert batch is not None and not errors, errors
-        scores = scorer(batch)
-        margin = 0.1 * (scores.chosen_logps - scores.rejected_logps)
-        loss = -0.8 * torch.nn.functional.logsigmoid(margin).mean() + scores.chosen_nll
-        loss.backward()
+        if args.mixed:  # one image pair and one text-only pair: one per rank, or both accumulated in one process
+            micro = [[image[step]], [text[step]]]
+            micro = [micro[dist.get_rank()]] if multi else micro
+        else:
+            micro = [[2 * step, 2 * step + 1]]
+        for ids in micro:
+            batch, errors = collate([dataset[i] for i in ids])
+            assert batch is not None and not errors, errors
+            scores = scorer(batch)
+            margin = 0.1 * (scores.chosen_logps - scores.rejected_logps)
+            loss = -0.8 * torch.nn.functional.logsigmoid(margin).mean() + scores.chosen_nll
+            (loss / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()

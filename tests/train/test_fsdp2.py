@@ -6,6 +6,9 @@ configs/fsdp2.yaml`` cannot run here; ``fsdp2_worker.py`` shards with torch's ``
 config names (the decoder and vision layers, then the PairScorer root), which is what accelerate's FSDP2 path does,
 and calls the same ``mpo.train.checkpoint`` functions as the training loop.
 
+A second test gives one rank an image pair and the other a text-only pair at every step (mpo's vision filler keeps
+FSDP2's collectives paired; without it gloo aborts with "Received data size doesn't match expected size").
+
 Measured: FSDP2 weights after 4 steps vs one process 6e-8; the gathered optimizer state vs the one-process state
 8e-9 (test tolerance 1e-5, 4 steps at lr 1e-3 move the weights by about 1e-3).
 """
@@ -72,3 +75,12 @@ def test_fsdp2_trains_like_one_process_and_its_checkpoint_resumes_anywhere(demo_
     _run(1, demo_model, meta, tmp_path / "plain_resumed", "--resume", str(tmp_path / "fsdp" / "checkpoint-2"))
     assert _max_diff(fsdp, _final(tmp_path / "fsdp_resumed")) < TOL
     assert _max_diff(plain, _final(tmp_path / "plain_resumed")) < TOL
+
+
+def test_fsdp2_rank_without_images_keeps_step_with_a_rank_with_images(demo_model, demo_data, tmp_path):
+    """Each step one rank scores an image pair and the other a text-only pair (with mpo's vision filler): FSDP2's
+    per-layer all-gathers and reduce-scatters stay paired, and 4 steps equal one process accumulating both."""
+    meta = demo_data / "meta.json"
+    _run(1, demo_model, meta, tmp_path / "plain", "--mixed", "--save-at", "0")
+    _run(2, demo_model, meta, tmp_path / "fsdp", "--fsdp", "--mixed", "--save-at", "0")
+    assert _max_diff(_final(tmp_path / "plain"), _final(tmp_path / "fsdp")) < TOL
