@@ -234,22 +234,26 @@ def _vision_grads(model, batch, vision_first):
     return scores, {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
-def test_vision_first_and_the_filler_change_no_value(encoded, qwen_encoded, demo_model, family):
+@pytest.mark.parametrize(("family", "attn"), [("internvl", "sdpa"), ("internvl", "eager"), ("internvl", "eager_split"),
+                                            ("qwen2_5_vl", "sdpa")])
+def test_vision_first_and_the_filler_change_no_value(encoded, qwen_encoded, demo_model, family, attn, monkeypatch):
     """Several processes: the vision modules run before the backbone (``vision_first``) and a micro-batch without
     images runs a blank filler image through them. Image batches: the same log-probs and gradients as the plain
     forward. Text batches: the same log-probs and gradients, and every vision parameter has a gradient (zeros):
     DDP's buckets and ZeRO-3's reduce-scatter then see the same parameters on every rank."""
     from mpo.train.data import Collator, vision_filler
 
+    if attn == "eager_split":  # the eager layout's one-forward-per-row path (taken when padding would waste > 20 %)
+        monkeypatch.setattr("mpo.train.forward._pays_to_split", lambda batch: True)
+        attn = "eager"
     if family == "internvl":
-        (by_task, pad_id), m = encoded, load_model(demo_model, attn_implementation="sdpa")
+        (by_task, pad_id), m = encoded, load_model(demo_model, attn_implementation=attn)
         processor = load_processor(demo_model)
     else:
         by_task, pad_id, m = qwen_encoded
         processor = load_processor(m.name_or_path)
     filler = vision_filler(PairEncoder(processor, max_length=512))
-    collate = Collator(pad_id, "shared", vision_filler=filler)
+    collate = Collator(pad_id, "shared", attn_implementation=attn, vision_filler=filler)
     images, _ = collate(by_task["shape_colour"][:2] + by_task["pair_colour"][:1])
     text, _ = collate(by_task["text_arith"][:3])
     assert images.vision_filler is None and text.vision_filler is not None

@@ -151,6 +151,8 @@ class PairScorer(nn.Module):
                           if has_images or k not in slices}  # a text-only row gets no (empty) image inputs
             if image_features is not None and has_images:
                 row_kwargs["mm_encoder_outputs"] = {"image": _row_features(image_features, slices)}
+            elif image_features is not None and r == 0 and batch.vision_filler is not None:
+                row_kwargs["mm_encoder_outputs"] = {"image": image_features}  # the filler's zero rows (forward)
             mask = batch.attention_mask[r:r + 1, :, :n, :n]
             out = backbone(input_ids=batch.input_ids[r:r + 1, :n], attention_mask=mask, use_cache=False, **row_kwargs)
             rows.append(torch.nn.functional.pad(out.last_hidden_state, (0, 0, 0, width - n)))
