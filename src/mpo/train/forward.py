@@ -46,6 +46,12 @@ class PairScorer(nn.Module):
 
     The whole computation sits inside ``forward`` so that DDP/DeepSpeed wrappers around this module see the
     forward they have to synchronise.
+
+    ``vision_first`` (set for several processes): run the vision modules before the backbone's forward and hand it
+    their features, instead of letting the backbone run them between its token embedding and its layers. A
+    micro-batch without images then runs its vision filler (:class:`mpo.train.data.Collator`) at the same place in
+    the graph as an image micro-batch runs its images, so every rank gathers parameters (ZeRO-3, FSDP2) and
+    produces gradients (DDP buckets, ZeRO reduce-scatter) in the same order. The values are the same either way.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 4096, *, vision_first: bool = False):
@@ -53,11 +59,6 @@ class PairScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.vision_first = vision_first
-        """Run the vision modules before the backbone's forward and hand it their features, instead of letting the
-        backbone run them between its token embedding and its layers. Set for several processes: a micro-batch
-        without images then runs its vision filler at the same place in the graph as an image micro-batch runs its
-        images, so every rank gathers parameters (ZeRO-3, FSDP2) and produces gradients (DDP buckets, ZeRO
-        reduce-scatter) in the same order. The values are the same either way."""
 
     def forward(self, batch: PairBatch, image_features=None) -> PairScores:  # noqa: D401
         filler = batch.vision_filler
@@ -87,9 +88,7 @@ class PairScorer(nn.Module):
     def image_features(self, batch: PairBatch):
         """The backbone's image features of the batch (vision tower + projector), for reuse by another model; of
         its vision filler when it has one."""
-        inputs = batch.model_inputs if batch.vision_filler is None else batch.vision_filler
-        kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        return backbone_of(self.model).get_image_features(**kwargs)
+        return self._vision(batch.model_inputs if batch.vision_filler is None else batch.vision_filler, None)
 
     def tower_outputs(self, batch: PairBatch) -> TowerOutputs:
         """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs;
