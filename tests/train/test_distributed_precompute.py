@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,42 @@ def test_two_process_cache_equals_one_process_cache_and_trains(demo_model, demo_
     _train(1, demo_model, meta, tmp_path / "train1", *no_delta, f"train.ref_cache={two}",
            "train.gradient_accumulation_steps=2")
     assert _max_diff(_weights(tmp_path / "train2" / "final"), _weights(tmp_path / "train1" / "final")) < 1e-5
+
+
+def test_zero3_precompute_is_sharded_in_lock_step_and_equals_the_plain_cache(demo_model, demo_data, tmp_path):
+    """``train.deepspeed`` naming ZeRO-3 (every weight partitioned): the reference is loaded partitioned and runs as
+    a ZeRO-3 engine. 87 pairs (text rows subsampled to make the count odd) at one pair per batch: rank 0 has 44
+    batches, rank 1 43 and repeats one to stay in step; text-only batches on one rank meet image batches on the
+    other (the vision filler). The merged cache equals the one-process plain cache within 1e-5."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    meta = json.loads((demo_data / "meta.json").read_text())
+    for spec in meta.values():
+        for key in ("root", "annotation"):
+            spec[key] = str(demo_data / spec[key])
+    meta["text_arith"]["repeat_time"] = 0.4
+    odd = tmp_path / "meta.json"
+    odd.write_text(json.dumps(meta))
+    zero3 = json.loads((Path(DEMO).parent / "deepspeed" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # tiny weights would otherwise stay whole
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+
+    one = tmp_path / "cache1"
+    run_precompute(load_config(RunConfig, DEMO, [f"model.path={demo_model}", f"data.meta_path={odd}",
+                                                 f"train.output_dir={tmp_path / 'pre1'}", f"train.ref_cache={one}",
+                                                 *COMMON]), batch_size=1, progress=False)
+    two = tmp_path / "cache2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "mpo.cli", "precompute-ref", DEMO, f"model.path={demo_model}", f"data.meta_path={odd}",
+           f"train.output_dir={tmp_path / 'pre2'}", f"train.ref_cache={two}", *COMMON,
+           f"train.deepspeed={tmp_path / 'zero3.json'}", "--batch-size", "1"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = {p.name: p.read_text().splitlines() for p in (two / "parts").glob("rank*.jsonl")}
+    assert {k: len(v) for k, v in parts.items()} == {"rank0.jsonl": 44, "rank1.jsonl": 43}  # the repeat wrote nothing
+    a, b = _table(one), _table(two)
+    assert sorted(a) == sorted(b) and sum(len(v[0]) for v in a.values()) == 87
+    for d in a:
+        np.testing.assert_array_equal(a[d][0], b[d][0])
+        np.testing.assert_allclose(b[d][1], a[d][1], rtol=0, atol=1e-5, err_msg=d)

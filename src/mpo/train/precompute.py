@@ -4,12 +4,21 @@ Each process (``torchrun``/``accelerate launch`` ranks, or one) takes every ``wo
 with the frozen reference (no grad, eval mode, the shared pair layout), and appends the results to its own part
 file after every batch. Restarting skips every pair already in any part file, so a kill costs at most one batch;
 rank 0 merges the parts into ``logps.npz`` and writes ``fingerprint.json`` when every pair is done.
+
+With ``train.deepspeed`` naming a ZeRO-3 config (the 38B and 241B presets) the reference is loaded partitioned and
+runs as a ZeRO-3 engine, as the in-loop reference of such a run does: no rank holds the whole model. Its forward
+gathers each layer's weights from all ranks, so the ranks run in lock-step: every rank runs as many forwards as the
+rank with the most batches (the others repeat a batch and write nothing), and a batch without images carries the
+vision filler (:func:`mpo.train.data.vision_filler`) so that every forward runs the same modules.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
@@ -17,16 +26,18 @@ import torch
 from tqdm import tqdm
 
 from mpo.data.encode import PairEncoder
+from mpo.data.errors import RowError
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.rejects import RejectedRowLog
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, EncodedPairs, prefetch
-from mpo.train.forward import PairScorer
-from mpo.train.recipe import make_accelerator
+from mpo.train.data import Collator, EncodedPairs, prefetch, vision_filler
+from mpo.train.forward import PairScorer, backbone_of
+from mpo.train.recipe import accelerator_for, make_accelerator, zero_stage_of
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
+from mpo.train.setup import Zero3PairScorer, deepspeed_reference, disable_dropout
 
 __all__ = ["run_precompute", "cache_dir_of"]
 
@@ -40,7 +51,10 @@ def cache_dir_of(cfg: RunConfig) -> Path:
 def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True) -> Path:
     """Fill the reference cache for ``cfg``'s data; returns the cache folder."""
     cfg.require_paths()
-    acc = make_accelerator()
+    # DeepSpeed only under a launcher: `mpo precompute-ref PRESET` in one plain process loads the reference whole,
+    # as before (a preset names zero3.json for its training run)
+    acc = accelerator_for(cfg) if cfg.train.deepspeed and "LOCAL_RANK" in os.environ else make_accelerator()
+    zero3 = zero_stage_of(acc) == 3
     out = cache_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -71,34 +85,62 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     # read_parts could also cut another rank's half-written line as "torn"). Nobody writes before all have read.
     acc.wait_for_everyone()
     model = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype,
-                       attn_implementation=cfg.model.attn_implementation).to(acc.device)
+                       attn_implementation=cfg.model.attn_implementation)  # partitioned under ZeRO-3
+    if not zero3:
+        model = model.to(acc.device)
+    disable_dropout(model)
     model.eval().requires_grad_(False)
-    scorer = PairScorer(model)
+    lockstep = zero3 and acc.num_processes > 1
+    filler = None
+    if lockstep and hasattr(backbone_of(model), "get_image_features"):
+        filler = vision_filler(dataset.encoder)
+    scorer = Zero3PairScorer(model, vision_first=filler is not None) if zero3 else PairScorer(model)
+    if zero3:  # the engine computes in the weights' own dtype ("auto" precision is otherwise filled by prepare)
+        ds = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+        dtype = next(model.parameters()).dtype
+        for key, half in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if key in ds:
+                ds[key]["enabled"] = dtype == half
+        scorer = deepspeed_reference(scorer, ds, 3)
     tok = getattr(processor, "tokenizer", processor)
     collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "shared",
-                       attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype)
+                       attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype,
+                       vision_filler=filler)
+    n_batches = math.ceil(len(mine) / batch_size)
+    if lockstep:  # every rank runs as many forwards as the busiest one
+        n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
     writer, rejects = PartWriter(out, acc.process_index), RejectedRowLog(out / "rejected_rows.jsonl")
     t0, n = time.perf_counter(), 0
     bar = tqdm(total=len(mine), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
                unit="pair")
 
     def batches():
-        for start in range(0, len(mine), batch_size):
-            items = [dataset[i] for i in mine[start:start + batch_size]]
-            yield len(items), collate(items)
+        """(pairs of this rank in the batch, collated batch, whether to write its scores)."""
+        last = None
+        for b in range(n_batches):
+            ids = mine[b * batch_size:(b + 1) * batch_size]
+            if ids:
+                last = collate([dataset[i] for i in ids])
+                yield len(ids), last, True
+                continue
+            if last is None or last[0] is None:  # nothing (usable) of its own: any usable pair keeps the step
+                last = collate([_first_usable(dataset)])
+            yield 0, last, False
 
     # decoding and tiling the next batch in a (nice 19) thread while the model runs, whatever data.prefetch_batches
     # says: on the internvl448 benchmark decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
     ready = prefetch(batches(), 1)
     try:
-        with torch.inference_mode():
-            for n_items, (batch, errors) in ready:
-                for err in errors:
+        # no_grad under ZeRO-3: its hooks gather weights into the parameters, which inference mode forbids
+        with torch.no_grad() if zero3 else torch.inference_mode():
+            for n_items, (batch, errors), real in ready:
+                for err in errors if real else ():
                     rejects.write(err)
-                if batch is not None:
+                if batch is not None and (real or lockstep):
                     scores = scorer(batch.to(acc.device))
-                    writer.write(batch.sources, scores.chosen_logps, scores.rejected_logps)
-                    n += batch.num_pairs
+                    if real:
+                        writer.write(batch.sources, scores.chosen_logps, scores.rejected_logps)
+                        n += batch.num_pairs
                 bar.update(n_items)
     finally:
         getattr(ready, "close", lambda: None)()
@@ -113,3 +155,10 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     acc.wait_for_everyone()
     return out
 
+
+def _first_usable(dataset: EncodedPairs):
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, RowError):
+            return item
+    raise RefCacheError("no usable pair in the data to keep the ZeRO-3 ranks in step")

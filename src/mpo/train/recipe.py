@@ -109,9 +109,9 @@ class Run:
 
 def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     cfg.require_paths()
-    accelerator = _accelerator(cfg)
+    accelerator = accelerator_for(cfg)
     _derive_accumulation(cfg, accelerator.num_processes)
-    zero_stage = _zero_stage(accelerator)
+    zero_stage = zero_stage_of(accelerator)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
@@ -213,7 +213,7 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _accelerator(cfg: RunConfig) -> Accelerator:
+def accelerator_for(cfg: RunConfig) -> Accelerator:
     if not cfg.train.deepspeed:
         accelerator = make_accelerator()
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
@@ -251,7 +251,7 @@ def _accelerator(cfg: RunConfig) -> Accelerator:
     return accelerator
 
 
-def _zero_stage(accelerator: Accelerator) -> int:
+def zero_stage_of(accelerator: Accelerator) -> int:
     """The ZeRO stage of a DeepSpeed run; -1 without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return -1
@@ -341,7 +341,7 @@ def reference_scores(run: Run, batch, image_features=None) -> PairScores:
             return run.reference(batch, image_features)
         # DeepSpeed: through the engine's forward, which gathers ZeRO-3 partitions; DDP: the bare module, as the
         # DDP wrapper needs no no-grad forward
-        policy = run.scorer if _zero_stage(run.accelerator) >= 0 else run.accelerator.unwrap_model(run.scorer)
+        policy = run.scorer if zero_stage_of(run.accelerator) >= 0 else run.accelerator.unwrap_model(run.scorer)
         with run.accelerator.unwrap_model(run.scorer).model.disable_adapter():
             return policy(batch)
 
@@ -367,7 +367,7 @@ def train(run: Run) -> TrainResult:
             with sync:
                 feats = None
                 if run.share_vision and ("pixel_values" in batch.model_inputs or batch.vision_filler is not None):
-                    with torch.no_grad(), gathered_vision(acc.unwrap_model(run.scorer).model, _zero_stage(acc)):
+                    with torch.no_grad(), gathered_vision(acc.unwrap_model(run.scorer).model, zero_stage_of(acc)):
                         bare = acc.unwrap_model(run.scorer)
                         feats = bare.image_features(batch) if run.share_vision == "features" else \
                             bare.tower_outputs(batch)
@@ -423,7 +423,7 @@ def _backward(run: Run, loss: torch.Tensor, *, last_micro: bool) -> None:
     ranks and runs clip + optimizer step + zero_grad inside ``engine.step()`` at the accumulation boundary; accelerate
     marks that boundary only inside ``accumulate()``, which this loop does not use, so it is marked here.
     """
-    if _zero_stage(run.accelerator) >= 0:
+    if zero_stage_of(run.accelerator) >= 0:
         engine = run.scorer
         engine.set_gradient_accumulation_boundary(last_micro)
         engine.backward(loss)
@@ -457,7 +457,7 @@ def _model_state(run: Run) -> dict[str, torch.Tensor] | None:
     model = acc.unwrap_model(run.scorer).model
     if acc.distributed_type == DistributedType.FSDP:
         return ckpt.full_weights(model)
-    if _zero_stage(acc) != 3:
+    if zero_stage_of(acc) != 3:
         return None
     state = acc.get_state_dict(run.scorer)  # PairScorer keys: "model.<HF key>"; empty on ranks > 0
     if not acc.is_main_process:
@@ -470,7 +470,7 @@ def save(run: Run, step: int) -> None:
     acc.wait_for_everyone()
     out = Path(run.cfg.train.output_dir)
     weights = _model_state(run)
-    deepspeed = _zero_stage(acc) >= 0
+    deepspeed = zero_stage_of(acc) >= 0
     if deepspeed:  # every rank writes its optimizer (and, under ZeRO-3, weight) partition into the same folder
         if acc.is_main_process:
             ckpt.start_checkpoint(out, step)
