@@ -35,8 +35,8 @@ import torch
 from mpo.fsio import atomic_write_json, replace_dir
 
 __all__ = ["save_checkpoint", "start_checkpoint", "save_deepspeed_state", "load_deepspeed_state",
-           "full_optimizer_state", "full_weights", "retie", "load_full_weights", "latest_checkpoint", "load_training_state", "rng_state",
-           "set_rng_state", "prune_checkpoints"]
+           "full_optimizer_state", "full_weights", "retie", "load_full_weights", "latest_checkpoint",
+           "load_training_state", "rng_state", "set_rng_state", "prune_checkpoints"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _DS_DIR, _DS_TAG = "deepspeed", "state"

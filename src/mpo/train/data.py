@@ -241,7 +241,7 @@ def _lowest_priority() -> None:
     It then runs on what the model's threads leave idle (Python between kernels, small ops, the single-threaded
     parts of a step) instead of taking a core from them. At normal priority, on 2 cores, the thread slowed the
     steps by more than the decoding it hid; at nice 19 the cached internvl448 step fell from 1.08-1.20x its bound
-    to 0.99x and text from 1.39x to 1.16x (docs/benchmarks.md)."""
+    to 0.97x (docs/benchmarks.md, runs final8 and final9)."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -64,7 +64,7 @@ class PairScorer(nn.Module):
         filler = batch.vision_filler
         shared_features = image_features is not None and not isinstance(image_features, TowerOutputs)
         if self.vision_first and not shared_features:
-            inputs = filler if filler is not None else batch.model_inputs
+            inputs = _vision_inputs(batch)
             if "pixel_values" in inputs:
                 image_features = self._vision(inputs, image_features)
         if filler is not None:  # a micro-batch without images: the features are the filler's, for no token
@@ -88,14 +88,13 @@ class PairScorer(nn.Module):
     def image_features(self, batch: PairBatch):
         """The backbone's image features of the batch (vision tower + projector), for reuse by another model; of
         its vision filler when it has one."""
-        return self._vision(batch.model_inputs if batch.vision_filler is None else batch.vision_filler, None)
+        return self._vision(_vision_inputs(batch), None)
 
     def tower_outputs(self, batch: PairBatch) -> TowerOutputs:
         """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs;
         of the batch's vision filler when it has one."""
-        inputs = batch.model_inputs if batch.vision_filler is None else batch.vision_filler
         tower = backbone_of(self.model).vision_tower
-        return TowerOutputs(tower(pixel_values=inputs["pixel_values"], return_dict=True))
+        return TowerOutputs(tower(pixel_values=_vision_inputs(batch)["pixel_values"], return_dict=True))
 
     def _vision(self, inputs: dict[str, torch.Tensor], tower: TowerOutputs | None):
         """The backbone's image features of ``inputs`` (vision tower + projector, or the projector alone on a
@@ -215,6 +214,11 @@ def _row_features(features, slices: dict[str, tuple[int, int]]):
     else:
         start, end = slices["pixel_values"]
     return BaseModelOutputWithPooling(pooler_output=pooled[start:end])
+
+
+def _vision_inputs(batch: PairBatch) -> dict[str, torch.Tensor]:
+    """The batch's image inputs, or its vision filler's when it has one (a micro-batch without images)."""
+    return batch.model_inputs if batch.vision_filler is None else batch.vision_filler
 
 
 def _no_rows(out):
