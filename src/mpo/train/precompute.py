@@ -115,17 +115,19 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                unit="pair")
 
     def batches():
-        """(pairs of this rank in the batch, collated batch, whether to write its scores)."""
-        last = None
+        """(pairs of this rank in the step, their row errors, the batch to score or None, whether to write it)."""
+        spare = None  # lock-step: a usable batch to score when this rank has none of its own in a step
         for b in range(n_batches):
             ids = mine[b * batch_size:(b + 1) * batch_size]
-            if ids:
-                last = collate([dataset[i] for i in ids])
-                yield len(ids), last, True
-                continue
-            if last is None or last[0] is None:  # nothing (usable) of its own: any usable pair keeps the step
-                last = collate([_first_usable(dataset)])
-            yield 0, last, False
+            batch, errors = collate([dataset[i] for i in ids]) if ids else (None, [])
+            if batch is not None:
+                spare = batch
+                yield len(ids), errors, batch, True
+            elif lockstep:  # no pair, or only bad rows: the other ranks still gather weights for this forward
+                spare = spare or collate([_first_usable(dataset)])[0]
+                yield len(ids), errors, spare, False
+            else:
+                yield len(ids), errors, None, False
 
     # decoding and tiling the next batch in a (nice 19) thread while the model runs, whatever data.prefetch_batches
     # says: on the internvl448 benchmark decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
@@ -133,12 +135,12 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     try:
         # no_grad under ZeRO-3: its hooks gather weights into the parameters, which inference mode forbids
         with torch.no_grad() if zero3 else torch.inference_mode():
-            for n_items, (batch, errors), real in ready:
-                for err in errors if real else ():
+            for n_items, errors, batch, write in ready:
+                for err in errors:
                     rejects.write(err)
-                if batch is not None and (real or lockstep):
+                if batch is not None:
                     scores = scorer(batch.to(acc.device))
-                    if real:
+                    if write:
                         writer.write(batch.sources, scores.chosen_logps, scores.rejected_logps)
                         n += batch.num_pairs
                 bar.update(n_items)
