@@ -82,9 +82,10 @@ def test_two_process_cache_equals_one_process_cache_and_trains(demo_model, demo_
 
 def test_zero3_precompute_is_sharded_in_lock_step_and_equals_the_plain_cache(demo_model, demo_data, tmp_path):
     """``train.deepspeed`` naming ZeRO-3 (every weight partitioned): the reference is loaded partitioned and runs as
-    a ZeRO-3 engine. 87 pairs (text rows subsampled to make the count odd) at one pair per batch: rank 0 has 44
-    batches, rank 1 43 and repeats one to stay in step; text-only batches on one rank meet image batches on the
-    other (the vision filler). The merged cache equals the one-process plain cache within 1e-5."""
+    a ZeRO-3 engine. 88 pairs of 87 questions (text rows subsampled to make the count odd; one question has two
+    pairs, which share a batch) at one question per batch: rank 0 has 44 batches (45 pairs), rank 1 43 and repeats
+    one to stay in step; text-only batches on one rank meet image batches on the other (the vision filler). The
+    merged cache equals the one-process plain cache within 1e-5."""
     pytest.importorskip("deepspeed")
     import json
 
@@ -92,7 +93,7 @@ def test_zero3_precompute_is_sharded_in_lock_step_and_equals_the_plain_cache(dem
     for spec in meta.values():
         for key in ("root", "annotation"):
             spec[key] = str(demo_data / spec[key])
-    meta["text_arith"]["repeat_time"] = 0.4
+    meta["text_arith"]["repeat_time"] = 0.5
     odd = tmp_path / "meta.json"
     odd.write_text(json.dumps(meta))
     zero3 = json.loads((Path(DEMO).parent / "deepspeed" / "zero3.json").read_text())
@@ -111,9 +112,9 @@ def test_zero3_precompute_is_sharded_in_lock_step_and_equals_the_plain_cache(dem
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = {p.name: p.read_text().splitlines() for p in (two / "parts").glob("rank*.jsonl")}
-    assert {k: len(v) for k, v in parts.items()} == {"rank0.jsonl": 44, "rank1.jsonl": 43}  # the repeat wrote nothing
+    assert {k: len(v) for k, v in parts.items()} == {"rank0.jsonl": 45, "rank1.jsonl": 43}  # the repeat wrote nothing
     a, b = _table(one), _table(two)
-    assert sorted(a) == sorted(b) and sum(len(v[0]) for v in a.values()) == 87
+    assert sorted(a) == sorted(b) and sum(len(v[0]) for v in a.values()) == 88
     for d in a:
         np.testing.assert_array_equal(a[d][0], b[d][0])
         np.testing.assert_allclose(b[d][1], a[d][1], rtol=0, atol=1e-5, err_msg=d)

@@ -74,3 +74,55 @@ def test_missing_cache_is_a_clear_error(demo_model, demo_data, tmp_path):
     with pytest.raises(TrainingError, match="no complete reference cache"):
         run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run",
                              f"train.ref_cache={tmp_path / 'none'}"))
+
+
+def test_a_questions_pairs_are_scored_in_one_span_and_equal_pair_by_pair(demo_model, demo_data, tmp_path, monkeypatch):
+    """Pairs of one question (the correctness pipeline writes up to 15) are scored together: the image decoded once,
+    the prompt run once for all distinct answers; each pair's cached log-probs equal its own plain two-sequence
+    forward within 1e-5. A sibling that is too long is reported and set aside; its question's others are cached."""
+    from mpo.data.encode import PairEncoder
+    from mpo.data.meta import read_meta
+    from mpo.data.mixture import PreferenceMixture
+    from mpo.models import load_model, load_processor
+    from mpo.train.batch import collate_naive
+    from mpo.train.data import EncodedPairs
+    from mpo.train.forward import PairScorer
+
+    rows = [json.loads(x) for x in (demo_data / "annotations" / "shape_colour.jsonl").read_text().splitlines()[:5]]
+    out = []
+    for k, row in enumerate(rows):
+        nxt = rows[(k + 1) % len(rows)]
+        out += [row, {**row, "rejected": "No: " + nxt["rejected"]}, {**row, "chosen": "Yes: " + nxt["chosen"]}]
+    out.append({**rows[0], "chosen": "word " * 600})  # over max_length 512: reported, not cached
+    ann = tmp_path / "questions.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in out))
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"questions": {"root": str(demo_data / "images"), "annotation": str(ann),
+                                              "repeat_time": 1, "max_dynamic_patch": 1}}))
+    decoded = []
+    original = PreferenceMixture.images
+    monkeypatch.setattr(PreferenceMixture, "images", lambda self, record: decoded.append(record.line) or
+                        original(self, record))
+    scored = []
+    forward = PairScorer.forward
+    monkeypatch.setattr(PairScorer, "forward", lambda self, batch, *a: scored.append(batch.num_answers) or
+                        forward(self, batch, *a))
+    cache = run_precompute(run_config(demo_model, meta, tmp_path / "pre", f"train.ref_cache={tmp_path / 'cache'}"),
+                           progress=False)
+    assert sorted(decoded) == [1, 4, 7, 10, 13]  # one decode per question: its first row
+    assert sum(scored) == 5 * 4  # per question: its chosen and rejected, one more of each (not 3 · 2 answers)
+    cached = {line: (c, r) for _, line, c, r in read_parts(cache)}
+    assert sorted(cached) == list(range(1, 16))
+    rejected = [json.loads(x) for x in (cache / "rejected_rows.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejected] == [(16, "chosen")]
+
+    processor = load_processor(str(demo_model))
+    model = load_model(str(demo_model)).eval()
+    pairs = EncodedPairs(PreferenceMixture(read_meta(meta), max_dynamic_patch=1), PairEncoder(processor, max_length=512))
+    with torch.no_grad():
+        for i in range(15):
+            pair = pairs[i]
+            want = PairScorer(model)(collate_naive([pair], processor.tokenizer.pad_token_id))
+            c, r = cached[pair.line]
+            assert c == pytest.approx(want.chosen_logps.item(), abs=1e-5)
+            assert r == pytest.approx(want.rejected_logps.item(), abs=1e-5)

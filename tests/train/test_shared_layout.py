@@ -156,10 +156,13 @@ def _dense_reference(q, k, v, shapes):
     n = q.shape[2]
     allowed = torch.zeros(n, n, dtype=torch.bool)
     start = 0
-    for n_p, n_c, n_r in shapes:
-        end = start + n_p + n_c + n_r
+    for n_p, n_c, *rest in shapes:
+        end = start + n_p + n_c + sum(rest)
         block = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-        block[n_p + n_c:, n_p:n_p + n_c] = False
+        at = n_p + n_c
+        for n_r in rest:  # each later answer sees the prompt and itself
+            block[at:at + n_r, n_p:at] = False
+            at += n_r
         allowed[start:end, start:end] = block
         start = end
     groups = q.shape[1] // k.shape[1]
@@ -167,8 +170,9 @@ def _dense_reference(q, k, v, shapes):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
 
 
-@pytest.mark.parametrize("shapes", [[(5, 3, 4)], [(5, 3, 4), (5, 3, 4), (2, 1, 1)], [(1, 1, 1), (7, 2, 6), (7, 2, 6)]],
-                         ids=["one", "same_shapes_batched", "mixed"])
+@pytest.mark.parametrize("shapes", [[(5, 3, 4)], [(5, 3, 4), (5, 3, 4), (2, 1, 1)], [(1, 1, 1), (7, 2, 6), (7, 2, 6)],
+                                    [(5, 3, 4, 2, 6), (5, 3), (2, 1, 1), (5, 3, 4, 2, 6)]],
+                         ids=["one", "same_shapes_batched", "mixed", "questions"])
 def test_pair_attention_equals_the_block_mask(shapes):
     """Values and gradients of q, k, v equal the dense block-mask SDPA, with grouped-query heads (4 q, 2 kv)."""
     from types import SimpleNamespace
@@ -269,3 +273,41 @@ def test_vision_first_and_the_filler_change_no_value(encoded, qwen_encoded, demo
                 assert grad is not None and not grad.any(), name  # present, and zero
             else:
                 torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _question(pairs: list) -> list:
+    """Pairs of one question made from ``pairs[0]``'s prompt and images (the same tensors, one group, as
+    ``EncodedPairs.question`` encodes them) and answers of the others; its chosen answer recurs in two pairs."""
+    from dataclasses import replace
+
+    head, *others = pairs
+    head = replace(head, group=id(head))
+    siblings = [replace(head, chosen_ids=head.chosen_ids, rejected_ids=o.rejected_ids) for o in others]
+    siblings.append(replace(head, chosen_ids=others[0].chosen_ids, rejected_ids=head.rejected_ids))
+    return [head, *siblings]
+
+
+@pytest.mark.parametrize("family_attn", ["internvl_sdpa", "internvl_eager", "qwen2_5_vl_sdpa"])
+def test_a_questions_pairs_in_one_span_equal_the_plain_layout(encoded, qwen_encoded, demo_model, family_attn):
+    """The precompute's grouped layout: a question's pairs share one span (prompt and images once, each distinct
+    answer once), and each pair's log-probs equal the plain two-sequence forward's; with a text question, a
+    multi-image question and an ungrouped pair in the same batch."""
+    family, attn = family_attn.rsplit("_", 1)
+    if family == "internvl":
+        by_task, pad_id = encoded
+        m = load_model(demo_model, attn_implementation=attn).eval()
+    else:
+        by_task, pad_id, m = qwen_encoded
+    spans = [_question(by_task["shape_colour"][:3]), _question(by_task["text_arith"][:2]), by_task["shape_colour"][3:4],
+             _question(by_task["pair_colour"][:2])]
+    pairs = [p for span in spans for p in span]
+    grouped = collate_shared(pairs, pad_id, pack_length=4000, attn_implementation=attn, group_prompts=True)
+    distinct = [{tuple(a.tolist()) for p in span for a in (p.chosen_ids, p.rejected_ids)} for span in spans]
+    assert len(grouped.segments) == 4 and grouped.num_answers == sum(map(len, distinct)) < 2 * len(pairs)
+    assert grouped.num_tokens == sum(len(span[0].prompt_ids) + sum(map(len, d)) for span, d in zip(spans, distinct))
+    with torch.no_grad():
+        got = PairScorer(m)(grouped)
+        want = PairScorer(m)(collate_naive(pairs, pad_id))
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.chosen_nll, want.chosen_nll, atol=1e-6, rtol=1e-5)

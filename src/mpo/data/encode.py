@@ -67,6 +67,10 @@ class EncodedPair:
     n_image_tokens: int = 0
     dataset: str = ""
     line: int = 0
+    group: int | None = None
+    """Pairs of one question (same prompt and images) encoded together share a group id and the very ``prompt_ids``
+    and ``image_inputs`` tensors (:meth:`PairEncoder.encode_answers`), so the reference precompute can score them
+    in one span."""
 
     @property
     def length(self) -> int:
@@ -217,6 +221,20 @@ class PairEncoder:
                            n_images=len(images), n_image_tokens=n_image_tokens, dataset=record.dataset,
                            line=record.line)
         self._check_length(record, pair, n_image_tokens)
+        return pair
+
+    def encode_answers(self, record: _Record, like: EncodedPair) -> EncodedPair:
+        """``record`` encoded as ``like``'s sibling: another pair of the same question (dataset, images, question
+        and system prompt all equal — the caller's key), so only its answers are tokenized; the prompt and image
+        tensors are ``like``'s own (images decoded and tiled once per question), and so is its ``group``.
+        Raises ``RowError``/``TooLongError`` as :meth:`encode` does.
+        """
+        self._check_row(record, like.n_images)
+        pair = EncodedPair(prompt_ids=like.prompt_ids, chosen_ids=self._completion_ids(record.chosen),
+                           rejected_ids=self._completion_ids(record.rejected), image_inputs=like.image_inputs,
+                           n_images=like.n_images, n_image_tokens=like.n_image_tokens, dataset=record.dataset,
+                           line=record.line, group=like.group)
+        self._check_length(record, pair, like.n_image_tokens)
         return pair
 
     def plan_length(self, record: _Record, image_sizes: list[tuple[int, int]], *,

@@ -11,6 +11,9 @@ only Σ Lᵢ²/2 are used. Here, per pair, the attention runs as two calls inste
   prompt, and the rejected answer causally.
 
 So all pairs of a batch sit in one row of Σ Lᵢ tokens with no padding at all, and no (L, L) mask is ever built.
+A span may also hold one prompt with more than two answers (``mpo precompute-ref`` scores every pair of one
+question in one span): the first answer runs causally with the prompt, each further answer attends to
+``[prompt, itself]`` as the rejected answer does.
 Consecutive pairs of one shape go through SDPA together, as a (G, H, n, D) view of the row (no copy); the
 arithmetic is the plain layout's, so log-probs and gradients match it (tested to 1e-5 in fp32 against the plain
 two-sequence forward).
@@ -37,16 +40,17 @@ SPANS_KWARG = "mpo_pair_spans"
 
 @dataclass
 class PairSpans:
-    """The pairs of one flat row, in order and back to back: (n_prompt, n_chosen, n_rejected) each.
+    """The spans of one flat row, in order and back to back: (n_prompt, n_chosen, n_rejected) for a pair, or
+    (n_prompt, n_answer_1, ..., n_answer_m) for a prompt with m ≥ 1 answers (a question's pairs scored together).
 
-    ``total`` = Σ (n_p + n_c + n_r), the row length. Masks for the rejected calls are built once per batch and
+    ``total`` = Σ span lengths, the row length. Masks for the answers after the first are built once per batch and
     reused by every layer.
     """
 
-    shapes: list[tuple[int, int, int]]
+    shapes: list[tuple[int, ...]]
     total: int = 0
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _runs: list[tuple[int, tuple[int, int, int]]] = field(default_factory=list, repr=False)
+    _runs: list[tuple[int, tuple[int, ...]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.total = sum(map(sum, self.shapes))
@@ -92,16 +96,18 @@ def pair_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     # split (not slicing): its backward is one concatenation, where P slices of the row would each allocate a
     # zero gradient of the whole row
     sizes = [count * sum(shape) for count, shape in spans._runs]
-    for (count, (n_p, n_c, n_r)), *qkv in zip(spans._runs, *(t.split(sizes, dim=2) for t in (query, key, value))):
-        # a run of G equal pairs is a (G, H, n, D) view of the row: one SDPA call for all of them, no copy
-        (q_a, q_r), (k_a, k_r), (v_a, v_r) = (t[0].unflatten(1, (count, n_p + n_c + n_r)).transpose(0, 1)
-                                              .split([n_p + n_c, n_r], dim=2) for t in qkv)
-        a = F.scaled_dot_product_attention(q_a, k_a, v_a, dropout_p=dropout, scale=scaling, is_causal=True)
-        k_pr = torch.cat([k_a[:, :, :n_p], k_r], dim=2)
-        v_pr = torch.cat([v_a[:, :, :n_p], v_r], dim=2)
-        r = F.scaled_dot_product_attention(q_r, k_pr, v_pr, dropout_p=dropout, scale=scaling,
-                                           attn_mask=spans.rejected_mask(n_p, n_r, query.device))
-        out.append(torch.cat([a, r], dim=2).transpose(1, 2).flatten(0, 1))  # (G·n, H, D)
+    for (count, shape), *qkv in zip(spans._runs, *(t.split(sizes, dim=2) for t in (query, key, value))):
+        n_p, n_first, *rest = shape
+        # a run of G equal spans is a (G, H, n, D) view of the row: one SDPA call for all of them, no copy
+        (q_a, *q_rs), (k_a, *k_rs), (v_a, *v_rs) = (t[0].unflatten(1, (count, sum(shape))).transpose(0, 1)
+                                                    .split([n_p + n_first, *rest], dim=2) for t in qkv)
+        parts = [F.scaled_dot_product_attention(q_a, k_a, v_a, dropout_p=dropout, scale=scaling, is_causal=True)]
+        for n_r, q_r, k_r, v_r in zip(rest, q_rs, k_rs, v_rs):  # the rejected answer (and a question's others)
+            k_pr = torch.cat([k_a[:, :, :n_p], k_r], dim=2)
+            v_pr = torch.cat([v_a[:, :, :n_p], v_r], dim=2)
+            parts.append(F.scaled_dot_product_attention(q_r, k_pr, v_pr, dropout_p=dropout, scale=scaling,
+                                                        attn_mask=spans.rejected_mask(n_p, n_r, query.device)))
+        out.append(torch.cat(parts, dim=2).transpose(1, 2).flatten(0, 1))  # (G·n, H, D)
     return (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(0), None  # (1, N, H, D)
 
 

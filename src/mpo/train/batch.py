@@ -51,9 +51,10 @@ class PairBatch:
     num_tokens: int
     sources: list[tuple[str, int]] = field(default_factory=list)
     pair_ids: list[int] = field(default_factory=list)
-    segments: list[tuple[int, ...]] = field(default_factory=list)
-    """shared layout only: (row, start, n_prompt, n_chosen, n_rejected, first_grid, end_grid) per pair, for models
-    whose positions depend on the images (Qwen-VL's 3D rotary positions); grid rows index ``image_grid_thw``."""
+    segments: list[tuple] = field(default_factory=list)
+    """shared layout only: (row, start, n_prompt, (n_chosen, n_rejected), first_grid, end_grid) per span — a
+    question's span lists all its answers — for models whose positions depend on the images (Qwen-VL's 3D rotary
+    positions); grid rows index ``image_grid_thw``."""
     row_lengths: list[int] = field(default_factory=list)
     """shared layout only: tokens used in each row; the scorer runs each row at its own length (no padding)."""
     row_slices: list[dict[str, tuple[int, int]]] = field(default_factory=list)
@@ -61,6 +62,11 @@ class PairBatch:
     spans: PairSpans | None = None
     """shared layout with pair attention (sdpa): the pairs of the single flat row; ``attention_mask`` is then a
     (1, 1, 1, 1) placeholder that the pair attention ignores (see ``mpo.train.attention``)."""
+    answer_of: torch.Tensor | None = None
+    """shared layout with grouped prompts only (the precompute): (B, 2) int64, the segments of each pair's chosen
+    and rejected answer among the ``num_answers`` distinct answers; None: segments 2i and 2i+1."""
+    num_answers: int = 0
+    """segments in ``segment_ids`` (0: 2 · num_pairs)."""
     vision_filler: dict[str, torch.Tensor] | None = None
     """several processes, a micro-batch without images: one blank image's inputs, which the scorer runs through
     the vision modules with a zero weight (:class:`mpo.train.data.Collator`)."""
@@ -71,7 +77,7 @@ class PairBatch:
             self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
             position_ids=move(self.position_ids), model_inputs={k: move(v) for k, v in self.model_inputs.items()},
             predict_index=move(self.predict_index), target_ids=move(self.target_ids),
-            segment_ids=move(self.segment_ids),
+            segment_ids=move(self.segment_ids), answer_of=move(self.answer_of),
             vision_filler=None if self.vision_filler is None else {k: move(v) for k, v in self.vision_filler.items()})
 
 

@@ -16,6 +16,8 @@ the loop logs it to ``rejected_rows.jsonl`` and trains on the rest of the micro-
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -34,7 +36,8 @@ from mpo.train.shared import collate_shared
 
 log = logging.getLogger("mpo.train")
 
-__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch", "vision_filler"]
+__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch", "vision_filler",
+           "question_key"]
 
 
 class EncodedPairs(Dataset):
@@ -59,6 +62,34 @@ class EncodedPairs(Dataset):
             return pair
         except RowError as err:
             return err
+
+    def question(self, indices: list[int]) -> list[EncodedPair | RowError]:
+        """Items ``indices`` — pairs of one question (:func:`question_key` equal) — encoded with their images
+        decoded and tiled once: the first usable pair is encoded whole, the others get its prompt and image tensors
+        (:meth:`~mpo.data.encode.PairEncoder.encode_answers`). Row errors stay per pair, as ``self[i]`` gives them."""
+        out: list[EncodedPair | RowError] = []
+        like = None
+        for i in indices:
+            if like is None:
+                item = self[i]
+                if not isinstance(item, RowError):
+                    like, item.group = item, i  # a mixture index: unique across datasets
+                out.append(item)
+                continue
+            try:
+                pair = self.encoder.encode_answers(self.mixture.record(i), like)
+                pair.index = i
+                out.append(pair)
+            except RowError as err:
+                out.append(err)
+        return out
+
+
+def question_key(record) -> bytes:
+    """Pairs with equal keys have the same prompt and images: a digest of dataset (its tile budget), image paths,
+    question and system prompt (16 bytes a row: millions of rows fit in memory)."""
+    key = json.dumps([record.dataset, list(record.images), record.question, record.system_prompt])
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 @dataclass
@@ -125,8 +156,9 @@ class Collator:
 
     def __init__(self, pad_id: int, layout: str = "naive", *, pack_length: int | None = None,
                  attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
-                 vision_filler: dict[str, torch.Tensor] | None = None):
+                 vision_filler: dict[str, torch.Tensor] | None = None, group_prompts: bool = False):
         self.pad_id, self.layout, self.pack_length = pad_id, layout, pack_length
+        self.group_prompts = group_prompts  # the precompute: a question's pairs in one span (shared layout)
         self.attn_implementation, self.dtype = attn_implementation, dtype
         self.vision_filler = vision_filler
 
@@ -137,7 +169,8 @@ class Collator:
             return None, errors
         if self.layout == "shared":
             batch = collate_shared(pairs, self.pad_id, pack_length=self.pack_length,
-                                   attn_implementation=self.attn_implementation, dtype=self.dtype)
+                                   attn_implementation=self.attn_implementation, dtype=self.dtype,
+                                   group_prompts=self.group_prompts)
         else:
             batch = collate_naive(pairs, self.pad_id)
         batch.pair_ids = [getattr(p, "index", -1) for p in pairs]

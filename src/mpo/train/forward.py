@@ -78,7 +78,9 @@ class PairScorer(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_index)
         sums, _, token_logps = completion_logps(
             flat, head.weight, getattr(head, "bias", None), batch.target_ids, batch.segment_ids,
-            2 * batch.num_pairs, chunk_size=self.chunk_size)
+            batch.num_answers or 2 * batch.num_pairs, chunk_size=self.chunk_size)
+        if batch.answer_of is not None:
+            return _grouped_scores(sums, batch)
         chosen_segments = torch.arange(2 * batch.num_pairs, device=token_logps.device) % 2 == 0
         nll = token_mean_nll(token_logps, batch.segment_ids, chosen_segments)
         # copies, not strided views of ``sums``: FSDP2 hooks a wrapped module's outputs for backward, and an in-place
@@ -155,6 +157,16 @@ class PairScorer(nn.Module):
             out = backbone(input_ids=batch.input_ids[r:r + 1, :n], attention_mask=mask, use_cache=False, **row_kwargs)
             rows.append(torch.nn.functional.pad(out.last_hidden_state, (0, 0, 0, width - n)))
         return torch.cat(rows, dim=0)
+
+
+def _grouped_scores(sums: torch.Tensor, batch: PairBatch) -> PairScores:
+    """Per-pair scores from the distinct answers' log-prob sums (S,) of a grouped batch; the NLL counts a chosen
+    answer once per pair that has it, as the ungrouped token mean does."""
+    chosen, rejected = batch.answer_of.unbind(1)
+    tokens = torch.bincount(batch.segment_ids, minlength=len(sums)).to(sums.dtype)
+    nll = -sums.index_select(0, chosen).sum() / tokens.index_select(0, chosen).sum().clamp(min=1)
+    return PairScores(chosen_logps=sums.index_select(0, chosen), rejected_logps=sums.index_select(0, rejected),
+                      chosen_nll=nll)
 
 
 @dataclass

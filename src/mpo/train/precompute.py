@@ -1,8 +1,9 @@
 """``mpo precompute-ref CONFIG``: the reference model's log-probs of every training pair, once, resumable.
 
-Each process (``torchrun``/``accelerate launch`` ranks, or one) takes every ``world``-th unique pair, scores it
-with the frozen reference (no grad, eval mode, the shared pair layout), and appends the results to its own part
-file after every batch. Restarting skips every pair already in any part file, so a kill costs at most one batch;
+Each process (``torchrun``/``accelerate launch`` ranks, or one) takes every ``world``-th question of the unique
+pairs, scores its pairs with the frozen reference (no grad, eval mode, the shared pair layout with all pairs of a
+question in one span: images decoded and encoded once, the prompt run once for all distinct answers), and appends
+the results to its own part file after every batch. Restarting skips every pair already in any part file, so a kill costs at most one batch;
 rank 0 merges the parts into ``logps.npz`` and writes ``fingerprint.json`` when every pair is done.
 
 With ``train.deepspeed`` naming a ZeRO-3 config (the 38B and 241B presets) the reference is loaded partitioned and
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -33,7 +33,7 @@ from mpo.data.rejects import RejectedRowLog
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, EncodedPairs, prefetch, vision_filler
+from mpo.train.data import Collator, EncodedPairs, prefetch, question_key, vision_filler
 from mpo.train.forward import PairScorer, backbone_of
 from mpo.train.recipe import accelerator_for, make_accelerator, zero_stage_of
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
@@ -79,7 +79,9 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         if key not in seen:
             seen.add(key)
             todo.append(i)
-    mine = todo[acc.process_index::acc.num_processes]
+    # a question's pairs (same prompt and images) go to one rank and one batch: their images are decoded once and
+    # their prompt runs once for all their answers (the correctness pipeline writes up to 15 pairs per question)
+    mine = _questions(mixture, todo)[acc.process_index::acc.num_processes]
     # Every rank must split the same ``todo``: a rank still reading the parts while another already appends its
     # first results would count those as done, get a shorter list, and stride past pairs that nobody computes (its
     # read_parts could also cut another rank's half-written line as "torn"). Nobody writes before all have read.
@@ -105,21 +107,23 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     tok = getattr(processor, "tokenizer", processor)
     collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "shared",
                        attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype,
-                       vision_filler=filler)
-    n_batches = math.ceil(len(mine) / batch_size)
+                       vision_filler=filler, group_prompts=True)
+    plan = _batches(mine, batch_size)
+    n_batches = len(plan)
     if lockstep:  # every rank runs as many forwards as the busiest one
         n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
     writer, rejects = PartWriter(out, acc.process_index), RejectedRowLog(out / "rejected_rows.jsonl")
     t0, n = time.perf_counter(), 0
-    bar = tqdm(total=len(mine), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
+    bar = tqdm(total=sum(map(len, mine)), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
                unit="pair")
 
     def batches():
         """(pairs of this rank in the step, their row errors, the batch to score or None, whether to write it)."""
         spare = None  # lock-step: a usable batch to score when this rank has none of its own in a step
         for b in range(n_batches):
-            ids = mine[b * batch_size:(b + 1) * batch_size]
-            batch, errors = collate([dataset[i] for i in ids]) if ids else (None, [])
+            questions = plan[b] if b < len(plan) else []
+            ids = [i for q in questions for i in q]
+            batch, errors = collate([x for q in questions for x in dataset.question(q)]) if ids else (None, [])
             if batch is not None:
                 spare = batch
                 yield len(ids), errors, batch, True
@@ -155,6 +159,32 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         total = merge_parts(out, fp)
         log.info("reference cache %s: %d pairs", out, total)
     acc.wait_for_everyone()
+    return out
+
+
+def _questions(mixture: PreferenceMixture, indices: list[int]) -> list[list[int]]:
+    """``indices`` grouped by question (:func:`~mpo.train.data.question_key`), in order of first appearance; a row
+    that does not parse is a question of its own (its error is reported when it is encoded)."""
+    groups: dict[object, list[int]] = {}
+    for i in indices:
+        try:
+            key = question_key(mixture.record(i))
+        except RowError:
+            key = ("unreadable", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _batches(questions: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Whole questions per batch, about ``batch_size`` pairs each (a question larger than that is one batch)."""
+    out: list[list[list[int]]] = []
+    n = 0
+    for q in questions:
+        if not out or (out[-1] and n + len(q) > batch_size):
+            out.append([])
+            n = 0
+        out[-1].append(q)
+        n += len(q)
     return out
 
 

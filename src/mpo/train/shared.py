@@ -56,59 +56,99 @@ def pack_pairs(lengths: Sequence[int], pack_length: int | None) -> list[list[int
     return [sorted(r) for r in rows]
 
 
-def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = None,
-                   attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> PairBatch:
-    """Lay B encoded pairs out as ``[prompt, chosen, rejected]`` segments.
+def _groups(pairs: Sequence, group_prompts: bool) -> list[tuple[list[int], list[torch.Tensor], list[tuple[int, int]]]]:
+    """Spans of the batch: (pair indices, distinct answers, (chosen, rejected) answer index of each pair).
 
-    SDPA: one flat row (R = 1, L = Σ pair lengths, no padding) with :class:`PairSpans` for the pair attention
+    Without ``group_prompts`` every pair is its own span with answers [chosen, rejected]. With it, consecutive
+    pairs of one ``group`` (one question: the same prompt and images, encoded once) share a span, and an answer
+    that occurs in several of its pairs (a correct response paired with several wrong ones) is scored once.
+    """
+    spans: list[tuple[list[int], list[torch.Tensor], list[tuple[int, int]]]] = []
+    for i, p in enumerate(pairs):
+        key = getattr(p, "group", None) if group_prompts else None
+        if key is None or not spans or getattr(pairs[spans[-1][0][0]], "group", None) != key:
+            spans.append(([], [], []))
+        members, answers, answer_of = spans[-1]
+        members.append(i)
+        pick = []
+        for ids in (p.chosen_ids, p.rejected_ids):
+            j = next((j for j, a in enumerate(answers) if key is not None and torch.equal(a, ids)), None)
+            if j is None:
+                answers.append(ids)
+                j = len(answers) - 1
+            pick.append(j)
+        answer_of.append((pick[0], pick[1]))
+    return spans
+
+
+def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = None,
+                   attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32,
+                   group_prompts: bool = False) -> PairBatch:
+    """Lay B encoded pairs out as ``[prompt, chosen, rejected]`` spans.
+
+    SDPA: one flat row (R = 1, L = Σ span lengths, no padding) with :class:`PairSpans` for the pair attention
     and a (1, 1, 1, 1) placeholder mask; ``pack_length`` does not apply (nothing is padded).
-    Eager: pairs packed into rows of at most ``pack_length`` tokens with an additive (R, 1, L, L) ``dtype``
+    Eager: spans packed into rows of at most ``pack_length`` tokens with an additive (R, 1, L, L) ``dtype``
     block mask. ``position_ids`` (R, L); segments ``2i`` / ``2i+1`` are pair i's chosen / rejected answer.
+
+    ``group_prompts`` (the reference precompute): consecutive pairs with the same ``group`` share one span
+    ``[prompt, answer_1, ..., answer_m]`` with their distinct answers; segments are then the distinct answers and
+    ``answer_of`` says which are each pair's chosen and rejected. Each answer sees the prompt and itself only, so
+    its log-probs are those of the plain two-sequence layout.
     """
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(f"pair_layout=shared supports attn_implementation {', '.join(SUPPORTED_ATTENTION)}, not "
                          f"{attn_implementation!r} (use pair_layout=naive)")
     flat = attn_implementation != "eager"
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    rows = [list(range(len(pairs)))] if flat else pack_pairs(lengths, pack_length)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    groups = _groups(pairs, group_prompts)
+    leaders = [pairs[members[0]] for members, _, _ in groups]  # prompt, images and token-aligned inputs
+    lengths = [len(p.prompt_ids) + sum(len(a) for a in answers) for p, (_, answers, _) in zip(leaders, groups)]
+    rows = [list(range(len(groups)))] if flat else pack_pairs(lengths, pack_length)
+    width = max(sum(lengths[g] for g in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     allowed = None if flat else torch.zeros((n_rows, width, width), dtype=torch.bool)
+    first_segment = [0]
+    for _, answers, _ in groups:
+        first_segment.append(first_segment[-1] + len(answers))
     token_aligned: dict[str, torch.Tensor] = {}
     predict, targets, segments, order, layout = [], [], [], [], []
     grid_at = 0
-    image_keys = sorted({k for p in pairs for k in p.image_inputs if k not in TOKEN_ALIGNED_KEYS})
+    image_keys = sorted({k for p in leaders for k in p.image_inputs if k not in TOKEN_ALIGNED_KEYS})
     image_at = dict.fromkeys(image_keys, 0)
     row_lengths, row_slices = [], []
     for r, row in enumerate(rows):
         start = 0
         first = dict(image_at)
-        for i in row:
-            p = pairs[i]
-            n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-            end = start + n_p + n_c + n_r
-            input_ids[r, start:end] = torch.cat([p.prompt_ids, p.chosen_ids, p.rejected_ids])
-            position_ids[r, start:end] = torch.cat([torch.arange(n_p + n_c), n_p + torch.arange(n_r)])
+        for g in row:
+            p, answers = leaders[g], groups[g][1]
+            n_p, n_as = len(p.prompt_ids), [len(a) for a in answers]
+            end = start + lengths[g]
+            input_ids[r, start:end] = torch.cat([p.prompt_ids, *answers])
+            position_ids[r, start:end] = torch.cat([torch.arange(n_p + n_as[0])]
+                                                   + [n_p + torch.arange(n) for n in n_as[1:]])
             if allowed is not None:
-                causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-                causal[n_p + n_c:, n_p:n_p + n_c] = False  # rejected never sees chosen
-                allowed[r, start:end, start:end] = causal
-            base = r * width + start
-            last_prompt = base + n_p - 1
-            predict.append(torch.cat([torch.tensor([last_prompt]), base + n_p + torch.arange(n_c - 1)]))
-            predict.append(torch.cat([torch.tensor([last_prompt]), base + n_p + n_c + torch.arange(n_r - 1)]))
-            targets += [p.chosen_ids, p.rejected_ids]
-            segments += [torch.full((n_c,), 2 * i, dtype=torch.long), torch.full((n_r,), 2 * i + 1, dtype=torch.long)]
+                block = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+                at = n_p + n_as[0]
+                for n in n_as[1:]:  # a later answer sees no earlier answer of its span
+                    block[at:at + n, n_p:at] = False
+                    at += n
+                allowed[r, start:end, start:end] = block
+            base, at = r * width + start, n_p
+            for j, (ids, n) in enumerate(zip(answers, n_as)):
+                predict.append(torch.cat([torch.tensor([base + n_p - 1]), base + at + torch.arange(n - 1)]))
+                targets.append(ids)
+                segments.append(torch.full((n,), first_segment[g] + j, dtype=torch.long))
+                at += n
             for key in TOKEN_ALIGNED_KEYS:
                 src = p.image_inputs.get(key)
                 if src is not None:
                     buf = token_aligned.setdefault(key, torch.zeros((n_rows, width), dtype=src.dtype))
                     buf[r, start:start + n_p] = src.reshape(-1)
-            order.append(i)
+            order.append(g)
             n_grid = len(p.image_inputs.get("image_grid_thw", ()))
-            layout.append((r, start, n_p, n_c, n_r, grid_at, grid_at + n_grid))
+            layout.append((r, start, n_p, tuple(n_as), grid_at, grid_at + n_grid))
             grid_at += n_grid
             for key in image_keys:
                 image_at[key] += len(p.image_inputs.get(key, ()))
@@ -120,18 +160,26 @@ def collate_shared(pairs: Sequence, pad_id: int, *, pack_length: int | None = No
             allowed[r, pad, pad] = True  # padding attends to itself only: no fully masked (NaN) row
     if allowed is None:
         mask = torch.ones((1, 1, 1, 1), dtype=torch.bool)
-        spans = PairSpans([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs])
+        spans = PairSpans([(len(p.prompt_ids), *(len(a) for a in answers))
+                           for p, (_, answers, _) in zip(leaders, groups)])
     else:
         mask = torch.zeros((n_rows, 1, width, width), dtype=dtype).masked_fill(~allowed.unsqueeze(1),
                                                                                torch.finfo(dtype).min)
         spans = None
-    model_inputs = _concat_image_inputs(pairs, order)
+    model_inputs = _concat_image_inputs(leaders, order)
     model_inputs.update(token_aligned)
+    answer_of = None
+    if group_prompts:
+        answer_of = torch.zeros((len(pairs), 2), dtype=torch.long)
+        for g, (members, _, picks) in enumerate(groups):
+            for i, (c, rj) in zip(members, picks):
+                answer_of[i] = torch.tensor([first_segment[g] + c, first_segment[g] + rj])
     return PairBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, model_inputs=model_inputs,
         predict_index=torch.cat(predict), target_ids=torch.cat(targets), segment_ids=torch.cat(segments),
         num_pairs=len(pairs), num_tokens=sum(lengths), sources=[(p.dataset, p.line) for p in pairs], segments=layout,
-        row_lengths=row_lengths, row_slices=row_slices, spans=spans)
+        row_lengths=row_lengths, row_slices=row_slices, spans=spans, answer_of=answer_of,
+        num_answers=first_segment[-1])
 
 
 def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
@@ -139,12 +187,13 @@ def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
 
     Qwen-VL gives image tokens 3D (time, height, width) positions and text tokens equal positions on all three
     axes. Each pair's ``prompt + chosen`` gets the model's own ``get_rope_index``; the rejected answer restarts,
-    on all three axes, at the first chosen position — the restart the 1D layout does, done on every axis.
+    on all three axes, at the first chosen position — the restart the 1D layout does, done on every axis (and so
+    does every further answer of a question's span).
     """
     ids, mm = batch.input_ids, batch.model_inputs.get("mm_token_type_ids")
     grid = batch.model_inputs.get("image_grid_thw")
     pos = torch.zeros((3, *ids.shape), dtype=torch.long, device=ids.device)
-    for r, start, n_p, n_c, n_r, g0, g1 in batch.segments:
+    for r, start, n_p, (n_c, *rest), g0, g1 in batch.segments:
         head = slice(start, start + n_p + n_c)
         if g1 > g0:
             seg_ids = ids[r, head].unsqueeze(0)
@@ -154,6 +203,8 @@ def mrope_positions(backbone, batch: PairBatch) -> torch.Tensor:
         else:
             pos[:, r, head] = torch.arange(n_p + n_c, device=ids.device)
         first_answer = pos[:, r, start + n_p]
-        tail = torch.arange(n_r, device=ids.device)
-        pos[:, r, start + n_p + n_c:start + n_p + n_c + n_r] = first_answer[:, None] + tail
+        at = start + n_p + n_c
+        for n_r in rest:
+            pos[:, r, at:at + n_r] = first_answer[:, None] + torch.arange(n_r, device=ids.device)
+            at += n_r
     return pos
