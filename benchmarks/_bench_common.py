@@ -217,12 +217,15 @@ def _random_image(rng: np.random.Generator, size: tuple[int, int]):
 
 
 def write_preference_data(out: Path, *, n_pairs: int, question_tokens: int, answer_tokens: tuple[int, int],
-                          tiles: tuple[int, ...], tokenizer: Any, seed: int = 0) -> dict[str, Any]:
+                          tiles: tuple[int, ...], tokenizer: Any, seed: int = 0,
+                          pairs_per_question: int = 1) -> dict[str, Any]:
     """Write an MMPR-style ``meta.json`` + ``annotations/bench.jsonl`` (+ ``images/*.png``) under ``out``.
 
     Each row: a question of ``question_tokens`` tokens (``<image>\\n`` first when ``tiles``), chosen and rejected
     answers of independently drawn lengths in ``answer_tokens`` (inclusive), and, for VLM cases, one random RGB
-    image whose shape gives a tile count drawn uniformly from ``tiles``. Returns a summary (counts, mean lengths).
+    image whose shape gives a tile count drawn uniformly from ``tiles``. ``pairs_per_question`` consecutive rows
+    share question and image (as the correctness pipeline's pairs of one question do), their answers drawn anew.
+    Returns a summary (counts, mean lengths).
     """
     rng = np.random.default_rng(seed)
     pool = word_pool(tokenizer)
@@ -232,13 +235,15 @@ def write_preference_data(out: Path, *, n_pairs: int, question_tokens: int, answ
     rows, tile_counts, answer_lengths = [], [], []
     for k in range(n_pairs):
         row: dict[str, Any] = {}
-        question = text_of_tokens(rng, pool, question_tokens, tokenizer) + "?"
+        if k % pairs_per_question == 0:
+            question = text_of_tokens(rng, pool, question_tokens, tokenizer) + "?"
+            if tiles:
+                n_tiles = int(tiles[rng.integers(len(tiles))])
+                name = f"img_{k:05d}.png"
+                _random_image(rng, TILE_SHAPES[n_tiles]).save(out / "images" / name, compress_level=1)
+                question = "<image>\n" + question
         if tiles:
-            n_tiles = int(tiles[rng.integers(len(tiles))])
-            name = f"img_{k:05d}.png"
-            _random_image(rng, TILE_SHAPES[n_tiles]).save(out / "images" / name, compress_level=1)
             row["image"] = name
-            question = "<image>\n" + question
             tile_counts.append(n_tiles)
         lo, hi = answer_tokens
         n_c, n_r = (int(x) for x in rng.integers(lo, hi + 1, size=2))

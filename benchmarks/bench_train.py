@@ -125,15 +125,17 @@ def _template_overhead(model_dir: Path) -> int:
     return len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
 
 
-def prepare_data(work: Path, case: Case, model_dir: Path, n_pairs: int) -> tuple[Path, dict[str, Any]]:
+def prepare_data(work: Path, case: Case, model_dir: Path, n_pairs: int,
+                 pairs_per_question: int = 1) -> tuple[Path, dict[str, Any]]:
     from mpo.models import load_processor
 
-    out = work / f"data_{case.name}_{model_dir.name}"
+    out = work / (f"data_{case.name}_{model_dir.name}" + ("" if pairs_per_question == 1 else f"_q{pairs_per_question}"))
     question_tokens = case.prompt_tokens
     if not case.tiles:  # "64-token prompts": the rendered prompt, template included
         question_tokens -= _template_overhead(model_dir)
     spec = {"case": case.name, "n_pairs": n_pairs, "question_tokens": question_tokens,
-            "answer_tokens": list(case.answer_tokens), "tiles": list(case.tiles), "model": str(model_dir)}
+            "answer_tokens": list(case.answer_tokens), "tiles": list(case.tiles), "model": str(model_dir),
+            "pairs_per_question": pairs_per_question}
     stamp = out / "bench_spec.json"
     if stamp.is_file():
         saved = json.loads(stamp.read_text())
@@ -143,7 +145,8 @@ def prepare_data(work: Path, case: Case, model_dir: Path, n_pairs: int) -> tuple
     processor = load_processor(str(model_dir))
     tokenizer = getattr(processor, "tokenizer", processor)
     summary = write_preference_data(out, n_pairs=n_pairs, question_tokens=question_tokens,
-                                    answer_tokens=case.answer_tokens, tiles=case.tiles, tokenizer=tokenizer)
+                                    answer_tokens=case.answer_tokens, tiles=case.tiles, tokenizer=tokenizer,
+                                    pairs_per_question=pairs_per_question)
     stamp.write_text(json.dumps({"spec": spec, "summary": summary}))
     return out, summary
 
@@ -461,7 +464,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     # steps per epoch so that the precompute is amortised over a realistic, not a tiny, epoch.
     n_pairs = BATCH * max(32, steps_total)
     model = prepare_model(args.work, case.arch, args.dims)
-    data, data_summary = prepare_data(args.work, case, model, n_pairs)
+    data, data_summary = prepare_data(args.work, case, model, n_pairs, args.pairs_per_question)
     cache = args.work / f"cache_{case.name}"
     load = {"start": _loadavg()}
 
@@ -515,7 +518,8 @@ def summarise(case: Case, by: dict[str, Worker], args: argparse.Namespace, preco
         return stats([x / y for x, y in zip(dt[a], dt[b])]).median
 
     out: dict[str, Any] = {
-        "case": case.name, "mpo_commit": _mpo_commit(), "batch_pairs": BATCH, "measured_steps": args.steps, "warmup_steps": w,
+        "case": case.name, "mpo_commit": _mpo_commit(), "pairs_per_question": args.pairs_per_question,
+        "batch_pairs": BATCH, "measured_steps": args.steps, "warmup_steps": w,
         "mpo_pairs_per_s": BATCH / med["mpo"], "trl_pairs_per_s": BATCH / med["trl"],
         "mpo_step_s": med["mpo"], "trl_step_s": med["trl"],
         "speedup_vs_trl": med["trl"] / med["mpo"], "speedup_vs_trl_paired": paired("trl", "mpo"),
@@ -623,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mpo-set", action="append", metavar="KEY=VALUE",
                         help="extra mpo config override for the mpo runs and the precompute (repeatable), e.g. "
                              "data.prefetch_batches=0")
+    parser.add_argument("--pairs-per-question", type=int, default=1, metavar="K",
+                        help="K consecutive pairs share question and image (correctness-pipeline data); default 1")
     parser.add_argument("--no-cached", action="store_true", help="skip the reference-cache run and its precompute")
     parser.add_argument("--profile", choices=WORKERS, action="append",
                         help="profile this worker's measured steps (torch.profiler ops + cProfile) into "
