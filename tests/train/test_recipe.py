@@ -188,6 +188,34 @@ def test_frozen_tower_with_trained_projector_is_shared_too(demo_model, demo_data
     assert not torch.allclose(next(iter(pa.values())), ref_projector)  # the projectors really differ
 
 
+def test_qwen2_5_vl_frozen_tower_with_trained_merger_is_shared(demo_data, tmp_path):
+    """Qwen2.5-VL, tower frozen and merger (its projector) trained: the vision blocks run once per micro-batch for
+    both models, each model's merger runs on their output, and the run equals the unshared one."""
+    from mpo.data.demo import demo_corpus
+    from mpo.models.tiny import build_tiny
+
+    model = build_tiny(tmp_path / "qwen", "qwen2_5_vl", corpus=demo_corpus(demo_data))
+    frozen = ("model.freeze_backbone=true",)
+    run_a = setup(run_config(model, demo_data / "meta.json", tmp_path / "a", *frozen))
+    assert run_a.share_vision == "tower"
+    calls = []
+    for m in (run_a.scorer.model, run_a.reference.model):
+        m.model.visual.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    train(run_a)
+    run_b = setup(run_config(model, demo_data / "meta.json", tmp_path / "b", *frozen))
+    run_b.share_vision = ""
+    train(run_b)
+    assert 1 <= len(calls) <= 3  # one pass of the blocks per micro-batch (3 steps of 4 pairs), not two
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-6)
+    merger_a = {n: p for n, p in run_a.scorer.model.named_parameters() if "visual.merger" in n}
+    merger_b = dict(run_b.scorer.model.named_parameters())
+    assert merger_a and all(torch.allclose(p, merger_b[n], atol=1e-6) for n, p in merger_a.items())
+    ref_merger = dict(run_a.reference.model.named_parameters())
+    assert any(not torch.allclose(p, ref_merger[n]) for n, p in merger_a.items())  # the mergers really differ
+
+
 def test_frozen_vision_is_computed_once_for_policy_and_reference(demo_model, demo_data, tmp_path):
     """With vision tower and projector frozen, policy and reference share one vision pass per pair: same run."""
     frozen = ("model.freeze_backbone=true", "model.freeze_mlp=true")

@@ -93,10 +93,15 @@ class PairScorer(nn.Module):
         return self._vision(_vision_inputs(batch), None)
 
     def tower_outputs(self, batch: PairBatch) -> TowerOutputs:
-        """The vision tower's output alone (InternVL-style ``vision_tower``), for a model whose projector differs;
-        of the batch's vision filler when it has one."""
-        tower = backbone_of(self.model).vision_tower
-        return TowerOutputs(tower(pixel_values=_vision_inputs(batch)["pixel_values"], return_dict=True))
+        """The vision tower's output alone, for a model whose projector differs; of the batch's vision filler when
+        it has one. InternVL-style ``vision_tower``: its whole output; Qwen-VL ``visual``: its blocks' output (its
+        ``last_hidden_state``; the merger, the projector there, is the model's own)."""
+        backbone, inputs = backbone_of(self.model), _vision_inputs(batch)
+        if hasattr(backbone, "vision_tower"):
+            return TowerOutputs(backbone.vision_tower(pixel_values=inputs["pixel_values"], return_dict=True))
+        visual = backbone.visual
+        out = visual(inputs["pixel_values"].type(visual.dtype), grid_thw=inputs["image_grid_thw"])
+        return TowerOutputs(out.last_hidden_state)
 
     def _vision(self, inputs: dict[str, torch.Tensor], tower: TowerOutputs | None):
         """The backbone's image features of ``inputs`` (vision tower + projector, or the projector alone on a
@@ -188,13 +193,16 @@ class _Replay(nn.Module):
 
 @contextlib.contextmanager
 def _replayed_tower(backbone: nn.Module, output):
-    """``backbone.vision_tower`` answers with ``output`` for the duration (the tower itself is put back after)."""
-    tower = backbone.vision_tower
-    backbone.vision_tower = _Replay(output)
+    """The frozen tower answers with ``output`` for the duration (the tower itself is put back after): InternVL's
+    ``vision_tower`` as a whole; for Qwen-VL the blocks of ``visual`` become one block that returns ``output``, so
+    its patch embedding (a linear layer), window order and the model's own merger still run."""
+    owner, name = (backbone, "vision_tower") if hasattr(backbone, "vision_tower") else (backbone.visual, "blocks")
+    tower = getattr(owner, name)
+    setattr(owner, name, _Replay(output) if name == "vision_tower" else nn.ModuleList([_Replay(output)]))
     try:
         yield
     finally:
-        backbone.vision_tower = tower
+        setattr(owner, name, tower)
 
 
 def _pays_to_split(batch: PairBatch, max_padding: float = 0.2) -> bool:

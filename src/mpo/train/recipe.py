@@ -202,8 +202,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         backbone = backbone_of(model)
         if cfg.model.freeze_mlp and hasattr(backbone, "get_image_features"):
             share_vision = "features"
-        elif hasattr(backbone, "vision_tower") and zero_stage != 3:  # ZeRO-3 would have to gather it outside
-            share_vision = "tower"
+        elif (hasattr(backbone, "vision_tower") or hasattr(getattr(backbone, "visual", None), "merger")) \
+                and not hasattr(getattr(backbone, "visual", None), "deepstack_merger_list") and zero_stage != 3:
+            share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision)
 
