@@ -32,10 +32,10 @@ from mpo.data.mixture import PreferenceMixture
 from mpo.data.rejects import RejectedRowLog
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
+from mpo.train.accelerator import accelerator_for, make_accelerator, zero_stage_of
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, EncodedPairs, prefetch, question_key, vision_filler
 from mpo.train.forward import PairScorer, backbone_of
-from mpo.train.recipe import accelerator_for, make_accelerator, zero_stage_of
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
 from mpo.train.setup import Zero3PairScorer, deepspeed_reference, disable_dropout
 

@@ -18,7 +18,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -41,6 +40,7 @@ from mpo.fsio import atomic_write_text
 from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
 from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
+from mpo.train.accelerator import TrainingError, _derive_accumulation, accelerator_for, zero_stage_of
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch, vision_filler
 from mpo.train.forward import PairScorer, PairScores, backbone_of
@@ -52,7 +52,6 @@ from mpo.train.setup import (
     apply_freezing,
     apply_vision_drop_path,
     count_parameters,
-    deepspeed_config,
     deepspeed_reference,
     disable_dropout,
     freeze_train_mode,
@@ -66,10 +65,6 @@ from mpo.train.setup import (
 __all__ = ["TrainingError", "TrainResult", "run_train"]
 
 log = logging.getLogger("mpo.train")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (bad data everywhere, a non-finite loss, ...); the message says what to do."""
 
 
 @dataclass
@@ -207,67 +202,6 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision)
-
-
-def make_accelerator() -> Accelerator:
-    """Accelerate picks NCCL on GPUs; without a GPU it must be told, or ranks under torchrun run alone (gloo)."""
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
-def accelerator_for(cfg: RunConfig) -> Accelerator:
-    if not cfg.train.deepspeed:
-        accelerator = make_accelerator()
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
-            # accelerate 1.15 turns FSDP on only for GPU-like devices and silently runs DDP otherwise
-            log.warning("accelerate launch asked for FSDP, but accelerate runs FSDP on GPUs only: this run is "
-                        "%s (plain data parallel, every process holds the whole model)", accelerator.distributed_type.value)
-        return accelerator
-    try:
-        import deepspeed  # noqa: F401
-        from accelerate.utils import DeepSpeedPlugin
-    except ImportError:
-        raise TrainingError(f"train.deepspeed={cfg.train.deepspeed}: DeepSpeed is not installed "
-                            "(pip install 'mpo[deepspeed]'), or leave train.deepspeed empty") from None
-    # The JSON's "auto" values are filled here (accelerate fills them only inside a Trainer), so the accumulation
-    # is needed before the Accelerator exists: torchrun and accelerate launch give the world size in WORLD_SIZE.
-    tc = cfg.train
-    if "LOCAL_RANK" not in os.environ:  # accelerate starts DeepSpeed's process group only under a launcher
-        raise TrainingError(f"train.deepspeed={tc.deepspeed}: start the run with a launcher, also for one process: "
-                            "torchrun --nproc_per_node N -m mpo.cli train ... (or accelerate launch)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    _derive_accumulation(cfg, world)
-    try:
-        ds = deepspeed_config(tc.deepspeed, per_device_batch_size=tc.per_device_batch_size,
-                              accumulation=tc.gradient_accumulation_steps, world_size=world,
-                              max_grad_norm=tc.max_grad_norm, model_dtype=cfg.model.dtype)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
-    # Accelerate's DeepSpeed path starts the process group with the backend of the device it finds; without a GPU
-    # it finds none and counts one process. Naming gloo makes it start DeepSpeed's CPU group (tested on 2 CPUs).
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers)
-    if accelerator.num_processes != world:
-        raise TrainingError(f"train.deepspeed: {accelerator.num_processes} processes but WORLD_SIZE={world}; start "
-                            "the run with torchrun or accelerate launch")
-    return accelerator
-
-
-def zero_stage_of(accelerator: Accelerator) -> int:
-    """The ZeRO stage of a DeepSpeed run; -1 without DeepSpeed."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return -1
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0))
-
-
-def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
-    tc = cfg.train
-    if tc.global_batch_size <= 0:
-        return
-    per_step = tc.per_device_batch_size * world_size
-    if tc.global_batch_size % per_step:
-        raise TrainingError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
-                            f"per_device_batch_size × processes = {per_step}")
-    tc.gradient_accumulation_steps = tc.global_batch_size // per_step
 
 
 def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: RejectedRowLog) -> None:

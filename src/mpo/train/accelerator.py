@@ -1,0 +1,86 @@
+"""The run's :class:`~accelerate.Accelerator`: plain (DDP under a launcher), or DeepSpeed from ``train.deepspeed``.
+
+Also where the one error type of a run lives (:class:`TrainingError`), since building the accelerator is the first
+thing that can refuse a configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from mpo.train.config import RunConfig
+from mpo.train.setup import deepspeed_config
+
+__all__ = ["TrainingError", "make_accelerator", "accelerator_for", "zero_stage_of"]
+
+log = logging.getLogger("mpo.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad data everywhere, a non-finite loss, ...); the message says what to do."""
+
+
+def make_accelerator() -> Accelerator:
+    """Accelerate picks NCCL on GPUs; without a GPU it must be told, or ranks under torchrun run alone (gloo)."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def accelerator_for(cfg: RunConfig) -> Accelerator:
+    if not cfg.train.deepspeed:
+        accelerator = make_accelerator()
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+            # accelerate 1.15 turns FSDP on only for GPU-like devices and silently runs DDP otherwise
+            log.warning("accelerate launch asked for FSDP, but accelerate runs FSDP on GPUs only: this run is "
+                        "%s (plain data parallel, every process holds the whole model)", accelerator.distributed_type.value)
+        return accelerator
+    try:
+        import deepspeed  # noqa: F401
+        from accelerate.utils import DeepSpeedPlugin
+    except ImportError:
+        raise TrainingError(f"train.deepspeed={cfg.train.deepspeed}: DeepSpeed is not installed "
+                            "(pip install 'mpo[deepspeed]'), or leave train.deepspeed empty") from None
+    # The JSON's "auto" values are filled here (accelerate fills them only inside a Trainer), so the accumulation
+    # is needed before the Accelerator exists: torchrun and accelerate launch give the world size in WORLD_SIZE.
+    tc = cfg.train
+    if "LOCAL_RANK" not in os.environ:  # accelerate starts DeepSpeed's process group only under a launcher
+        raise TrainingError(f"train.deepspeed={tc.deepspeed}: start the run with a launcher, also for one process: "
+                            "torchrun --nproc_per_node N -m mpo.cli train ... (or accelerate launch)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _derive_accumulation(cfg, world)
+    try:
+        ds = deepspeed_config(tc.deepspeed, per_device_batch_size=tc.per_device_batch_size,
+                              accumulation=tc.gradient_accumulation_steps, world_size=world,
+                              max_grad_norm=tc.max_grad_norm, model_dtype=cfg.model.dtype)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    # Accelerate's DeepSpeed path starts the process group with the backend of the device it finds; without a GPU
+    # it finds none and counts one process. Naming gloo makes it start DeepSpeed's CPU group (tested on 2 CPUs).
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), kwargs_handlers=handlers)
+    if accelerator.num_processes != world:
+        raise TrainingError(f"train.deepspeed: {accelerator.num_processes} processes but WORLD_SIZE={world}; start "
+                            "the run with torchrun or accelerate launch")
+    return accelerator
+
+
+def zero_stage_of(accelerator: Accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run; -1 without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return -1
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0))
+
+
+def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
+    tc = cfg.train
+    if tc.global_batch_size <= 0:
+        return
+    per_step = tc.per_device_batch_size * world_size
+    if tc.global_batch_size % per_step:
+        raise TrainingError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
+                            f"per_device_batch_size × processes = {per_step}")
+    tc.gradient_accumulation_steps = tc.global_batch_size // per_step
