@@ -383,6 +383,10 @@ def attach_profiler(gate: Gate, path: Path, first_step: int) -> None:
 
 
 def worker_precompute(args: argparse.Namespace, gate: Gate) -> None:
+    # Library imports are process start-up, outside the timer as they are outside the training workers' steps;
+    # transformers imports its processor stack (torchvision, ~3 s here) lazily, at the first AutoProcessor use.
+    from transformers import AutoProcessor, AutoTokenizer  # noqa: F401
+
     from mpo.train.precompute import run_precompute
 
     shutil.rmtree(args.cache, ignore_errors=True)
