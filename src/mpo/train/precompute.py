@@ -81,7 +81,11 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
             todo.append(i)
     # a question's pairs (same prompt and images) go to one rank and one batch: their images are decoded once and
     # their prompt runs once for all their answers (the correctness pipeline writes up to 15 pairs per question)
-    mine = _questions(mixture, todo)[acc.process_index::acc.num_processes]
+    questions = _questions(mixture, todo)
+    if acc.is_main_process:
+        log.info("reference cache %s: %d pairs to score in %d questions (%d pairs already there)", out, len(todo),
+                 len(questions), len(done))
+    mine = questions[acc.process_index::acc.num_processes]
     # Every rank must split the same ``todo``: a rank still reading the parts while another already appends its
     # first results would count those as done, get a shorter list, and stride past pairs that nobody computes (its
     # read_parts could also cut another rank's half-written line as "torn"). Nobody writes before all have read.
