@@ -7,6 +7,8 @@ batch and machine, in one invocation (issue "The fast pair path", item 6).
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case internvl448 --dims baseline   # env-notes dims
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case internvl448 --steps 8 --profile mpo_cached \
         --work /tmp/bench                                # where mpo's step time goes: /tmp/bench/*.profile.txt
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --case internvl448 --pairs-per-question 4
+                                                         # 4 pairs per question and image, as the correctness pipeline
 
 What runs, per case, each in its own process (so each peak RSS is its own):
 
@@ -35,7 +37,9 @@ can double a step); ``--threads 1`` is the robust setting on a busy machine.
 Model (both frameworks load the same folder): ``mpo.models.tiny.build_tiny``, vocab 2048, InternVL at the real tile
 geometry (448 px, patch 14, 256 tokens per tile, up to 4 tiles + thumbnail); ``--dims small`` (default: text hidden
 128 × 2 layers, vision 64 × 2) or ``--dims baseline`` (text 256 × 4, vision 128 × 2: the dims of TRL's baseline in
-env-notes §3; about 2.7x the run time). Data: synthetic, written by ``_bench_common.write_preference_data``.
+env-notes §3; about 2.7x the run time). Data: synthetic, written by ``_bench_common.write_preference_data``, one
+pair per question unless ``--pairs-per-question`` says more (only the precompute can use it: training shuffles
+pairs, and the precompute scores a question's pairs in one span).
 """
 
 from __future__ import annotations
