@@ -42,3 +42,16 @@ def test_skip_without_a_log_and_unknown_policy_are_refused():
         handle_bad_row(err, "skip", None)
     with pytest.raises(ValueError, match="on_bad_row must be one of skip, error, got 'drop'"):
         handle_bad_row(err, "drop", None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", ["RowError", "ImageError", "TooLongError"])
+def test_row_errors_survive_pickling(cls):
+    """DataLoader workers pickle the row errors they return; each comes back whole (class, fields, message)."""
+    import pickle
+
+    from mpo.data import errors
+
+    err = getattr(errors, cls)("shape_colour", 7, "image", "file not found: x.png", severity="warning")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and str(back) == str(err) == "shape_colour:7: image: file not found: x.png"
+    assert back.to_dict() == err.to_dict()

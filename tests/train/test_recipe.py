@@ -95,7 +95,9 @@ def test_meta_without_usable_rows_fails_before_training(demo_model, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
-def test_bad_rows_are_skipped_counted_and_written_aside(demo_model, demo_data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "loader_workers"])
+def test_bad_rows_are_skipped_counted_and_written_aside(demo_model, demo_data, tmp_path, workers):
+    """Also from DataLoader worker processes (the presets use 8): the row error crosses the process boundary."""
     import shutil
 
     data = tmp_path / "data"
@@ -103,11 +105,13 @@ def test_bad_rows_are_skipped_counted_and_written_aside(demo_model, demo_data, t
     ann = data / "annotations" / "shape_colour.jsonl"
     lines = ann.read_text().splitlines()
     lines[0] = "{broken"
+    lines[1] = json.dumps({**json.loads(lines[1]), "image": "train/missing.png"})  # found when decoded
     ann.write_text("\n".join(lines) + "\n")
-    cfg = run_config(demo_model, data / "meta.json", tmp_path / "run", "train.max_steps=6")
+    cfg = run_config(demo_model, data / "meta.json", tmp_path / "run", "train.max_steps=6", f"data.num_workers={workers}")
     result = run_train(cfg)
     rejected = [json.loads(r) for r in (tmp_path / "run" / "rejected_rows.jsonl").read_text().splitlines()]
-    assert {(r["dataset"], r["line"]) for r in rejected} == {("shape_colour", 1)}
+    assert {(r["dataset"], r["line"], r["kind"]) for r in rejected} == {("shape_colour", 1, "row"),
+                                                                        ("shape_colour", 2, "image")}
     assert result.skipped_rows >= 1
 
 

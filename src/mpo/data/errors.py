@@ -22,6 +22,11 @@ class RowError(DataError):
         self.dataset, self.line, self.field, self.message, self.severity = dataset, line, field, message, severity
         super().__init__(f"{dataset}:{line}: {field or '-'}: {message}")
 
+    def __reduce__(self):
+        # DataLoader workers hand row errors to the main process by pickling them; the default (``cls(*args)``,
+        # args being the one formatted message) cannot rebuild an error that takes its fields apart
+        return type(self), (self.dataset, self.line, self.field, self.message, self.severity)
+
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "line": self.line, "field": self.field, "message": self.message,
                 "severity": self.severity, "kind": self.kind}
