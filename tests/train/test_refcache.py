@@ -126,3 +126,23 @@ def test_a_questions_pairs_are_scored_in_one_span_and_equal_pair_by_pair(demo_mo
             c, r = cached[pair.line]
             assert c == pytest.approx(want.chosen_logps.item(), abs=1e-5)
             assert r == pytest.approx(want.rejected_logps.item(), abs=1e-5)
+
+
+def test_precompute_with_loader_workers_equals_in_process(demo_model, demo_data, tmp_path):
+    """data.num_workers > 0 (the presets use 8): DataLoader workers decode and collate the batches; the cache and
+    the rejected rows (a missing image, found in a worker) are those of the in-process precompute."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    ann = data / "annotations" / "shape_colour.jsonl"
+    lines = ann.read_text().splitlines()
+    lines[3] = json.dumps({**json.loads(lines[3]), "image": "train/missing.png"})
+    ann.write_text("\n".join(lines) + "\n")
+    caches = {}
+    for workers in (0, 2):
+        cache = tmp_path / f"cache{workers}"
+        run_precompute(run_config(demo_model, data / "meta.json", tmp_path / f"pre{workers}", f"train.ref_cache={cache}",
+                                  f"data.num_workers={workers}"), progress=False)
+        rejected = [json.loads(x) for x in (cache / "rejected_rows.jsonl").read_text().splitlines()]
+        assert [(r["dataset"], r["line"], r["kind"]) for r in rejected] == [("shape_colour", 4, "image")]
+        caches[workers] = {(d, line): (c, r) for d, line, c, r in read_parts(cache)}
+    assert len(caches[0]) == 95 and caches[2] == caches[0]

@@ -3,7 +3,9 @@
 Each process (``torchrun``/``accelerate launch`` ranks, or one) takes every ``world``-th question of the unique
 pairs, scores its pairs with the frozen reference (no grad, eval mode, the shared pair layout with all pairs of a
 question in one span: images decoded and encoded once, the prompt run once for all distinct answers), and appends
-the results to its own part file after every batch. Restarting skips every pair already in any part file, so a kill costs at most one batch;
+the results to its own part file after every batch. With ``data.num_workers`` > 0 DataLoader worker processes decode,
+tile and collate the batches (as for training); otherwise one thread at the lowest OS priority prepares the next
+batch while the model runs. Restarting skips every pair already in any part file, so a kill costs at most one batch;
 rank 0 merges the parts into ``logps.npz`` and writes ``fingerprint.json`` when every pair is done.
 
 With ``train.deepspeed`` naming a ZeRO-3 config (the 38B and 241B presets) the reference is loaded partitioned and
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpo.data.encode import PairEncoder
@@ -121,29 +124,32 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     bar = tqdm(total=sum(map(len, mine)), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
                unit="pair")
 
+    planned = _PlannedBatches(dataset, plan, collate)
+    if cfg.data.num_workers > 0:  # worker processes decode and tile, as the training loader's do (presets: 8)
+        ready = DataLoader(planned, batch_size=None, num_workers=cfg.data.num_workers)
+    else:  # the next batch decodes in a (nice 19) thread while the model runs: on the internvl448 benchmark
+        # decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
+        ready = prefetch((planned[b] for b in range(len(planned))), 1)
+    source = iter(ready)
+
     def batches():
         """(pairs of this rank in the step, their row errors, the batch to score or None, whether to write it)."""
         spare = None  # lock-step: a usable batch to score when this rank has none of its own in a step
         for b in range(n_batches):
-            questions = plan[b] if b < len(plan) else []
-            ids = [i for q in questions for i in q]
-            batch, errors = collate([x for q in questions for x in dataset.question(q)]) if ids else (None, [])
+            n_items, errors, batch = next(source) if b < len(plan) else (0, [], None)
             if batch is not None:
                 spare = batch
-                yield len(ids), errors, batch, True
+                yield n_items, errors, batch, True
             elif lockstep:  # no pair, or only bad rows: the other ranks still gather weights for this forward
                 spare = spare or collate([_first_usable(dataset)])[0]
-                yield len(ids), errors, spare, False
+                yield n_items, errors, spare, False
             else:
-                yield len(ids), errors, None, False
+                yield n_items, errors, None, False
 
-    # decoding and tiling the next batch in a (nice 19) thread while the model runs, whatever data.prefetch_batches
-    # says: on the internvl448 benchmark decoding was a quarter of the precompute (11.2 -> 9.6 s with the thread)
-    ready = prefetch(batches(), 1)
     try:
         # no_grad under ZeRO-3: its hooks gather weights into the parameters, which inference mode forbids
         with torch.no_grad() if zero3 else torch.inference_mode():
-            for n_items, errors, batch, write in ready:
+            for n_items, errors, batch, write in batches():
                 for err in errors:
                     rejects.write(err)
                 if batch is not None:
@@ -153,7 +159,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                         n += batch.num_pairs
                 bar.update(n_items)
     finally:
-        getattr(ready, "close", lambda: None)()
+        getattr(source, "close", lambda: None)()
         bar.close()
         writer.close()
         rejects.close()
@@ -164,6 +170,23 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         log.info("reference cache %s: %d pairs", out, total)
     acc.wait_for_everyone()
     return out
+
+
+class _PlannedBatches(Dataset):
+    """Batch ``b`` of the plan (whole questions), encoded and collated: (its pairs, their row errors, the
+    :class:`~mpo.train.batch.PairBatch` or None when every pair was bad). A map-style dataset, so that DataLoader
+    workers can build batches in parallel."""
+
+    def __init__(self, dataset: EncodedPairs, plan: list[list[list[int]]], collate: Collator):
+        self.dataset, self.plan, self.collate = dataset, plan, collate
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int):
+        questions = self.plan[b]
+        batch, errors = self.collate([x for q in questions for x in self.dataset.question(q)])
+        return sum(map(len, questions)), errors, batch
 
 
 def _questions(mixture: PreferenceMixture, indices: list[int]) -> list[list[int]]:
