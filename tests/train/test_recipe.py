@@ -237,3 +237,18 @@ def test_frozen_vision_is_computed_once_for_policy_and_reference(demo_model, dem
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_loader_workers_train_like_in_process_loading(demo_model, demo_data, tmp_path):
+    """data.num_workers=2 (worker processes decode; the presets use 8) gives the run that in-process loading gives:
+    the same batches in the same order, so the same losses and weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=4", f"data.num_workers={workers}"))
+        losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[workers] = losses, load_file(next((out / "final").glob("*.safetensors")))
+    assert runs[2][0] == runs[0][0]
+    assert all(torch.equal(runs[2][1][k], v) for k, v in runs[0][1].items())
