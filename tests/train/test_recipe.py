@@ -44,14 +44,17 @@ def test_train_writes_metrics_checkpoint_and_final_model(demo_model, demo_data, 
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path):
-    """4 steps straight == 2 steps, stop, --resume to 4 (fp32, CPU): weights bit-identical, δ equal."""
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "loader_workers"])
+def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path, workers):
+    """4 steps straight == 2 steps, stop, --resume to 4 (fp32, CPU): weights bit-identical, δ equal; also when
+    DataLoader workers load the data (the resumed sampler starts them at the saved position)."""
     meta = demo_data / "meta.json"
-    straight = run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", "train.save_steps=2")
+    loader = f"data.num_workers={workers}"
+    straight = run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", "train.save_steps=2", loader)
     run_train(straight)
-    first = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=2", "train.save_steps=2")
+    first = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=2", "train.save_steps=2", loader)
     run_train(first)
-    resumed = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", "train.save_steps=2")
+    resumed = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", "train.save_steps=2", loader)
     result = run_train(resumed, resume=True)
     assert result.steps == 4
     a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
