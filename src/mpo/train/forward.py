@@ -19,7 +19,7 @@ from mpo.train.attention import SPANS_KWARG, language_config, refuse_sliding_win
 from mpo.train.batch import PairBatch
 from mpo.train.shared import mrope_positions
 
-__all__ = ["PairScores", "PairScorer", "TowerOutputs", "backbone_of"]
+__all__ = ["PairScores", "PairScorer", "TowerOutputs", "backbone_of", "replayable_tower"]
 
 
 @dataclass
@@ -189,6 +189,14 @@ class _Replay(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.output
+
+
+def replayable_tower(backbone: nn.Module) -> bool:
+    """Whether :func:`_replayed_tower` can stand in for the backbone's vision tower: InternVL's ``vision_tower``, or
+    Qwen-VL's ``visual`` blocks before their ``merger`` (not deepstack towers, whose mergers read inner blocks)."""
+    visual = getattr(backbone, "visual", None)
+    return hasattr(backbone, "vision_tower") or (hasattr(visual, "merger")
+                                                 and not hasattr(visual, "deepstack_merger_list"))
 
 
 @contextlib.contextmanager

@@ -207,7 +207,7 @@ def _batches(questions: list[list[int]], batch_size: int) -> list[list[list[int]
     out: list[list[list[int]]] = []
     n = 0
     for q in questions:
-        if not out or (out[-1] and n + len(q) > batch_size):
+        if not out or n + len(q) > batch_size:
             out.append([])
             n = 0
         out[-1].append(q)

@@ -43,7 +43,7 @@ from mpo.train import checkpoint as ckpt
 from mpo.train.accelerator import TrainingError, _derive_accumulation, accelerator_for, zero_stage_of
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch, vision_filler
-from mpo.train.forward import PairScorer, PairScores, backbone_of
+from mpo.train.forward import PairScorer, PairScores, backbone_of, replayable_tower
 from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
@@ -197,8 +197,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         backbone = backbone_of(model)
         if cfg.model.freeze_mlp and hasattr(backbone, "get_image_features"):
             share_vision = "features"
-        elif (hasattr(backbone, "vision_tower") or hasattr(getattr(backbone, "visual", None), "merger")) \
-                and not hasattr(getattr(backbone, "visual", None), "deepstack_merger_list") and zero_stage != 3:
+        elif replayable_tower(backbone) and zero_stage != 3:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision)
