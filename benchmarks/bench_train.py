@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 import signal
@@ -395,9 +396,21 @@ def worker_precompute(args: argparse.Namespace, gate: Gate) -> None:
 
     shutil.rmtree(args.cache, ignore_errors=True)
     cfg = mpo_config(args, args.work / f"run_{args.case}_precompute", ref_cache=str(args.cache))
+    timings = []
+
+    class Timing(logging.Handler):  # run_precompute logs its PrecomputeTiming with its last per-rank line
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "timing"):
+                timings.append(record.timing)
+
+    logger = logging.getLogger("mpo.refcache")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Timing())
     t0 = time.perf_counter()
     run_precompute(cfg, progress=False)
-    gate.send("result", precompute_s=time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    gate.send("result", precompute_s=elapsed, precompute_forward_s=timings[0].scoring_s,
+              precompute_waiting_s=timings[0].waiting_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,11 +490,11 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     load = {"start": _loadavg()}
 
     names = [w for w in WORKERS if not (args.no_cached and w == "mpo_cached")]
-    precompute_s = None
+    precompute: dict[str, Any] = {}
     if "mpo_cached" in names:
         during = OtherLoad()
         pre = Worker("precompute", args, case, model, data, cache)
-        precompute_s = pre.read("result")["precompute_s"]
+        precompute = pre.read("result")
         pre.close()
         load["after_precompute"] = _loadavg()
         # the precompute runs alone, before the lock-step: outside load then moves the epoch ratio alone
@@ -503,12 +516,12 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     load["end"] = _loadavg()
     load["other_processes_cores"] = round(others.cores(), 2)
     by = {w.name: w for w in workers}
-    result = summarise(case, by, args, precompute_s, n_pairs)
+    result = summarise(case, by, args, precompute, n_pairs)
     result.update(data=data_summary, loadavg=load, wall_s=round(time.perf_counter() - t_case, 1))
     return result
 
 
-def summarise(case: Case, by: dict[str, Worker], args: argparse.Namespace, precompute_s: float | None,
+def summarise(case: Case, by: dict[str, Worker], args: argparse.Namespace, precompute: dict[str, Any],
               n_pairs: int) -> dict[str, Any]:
     w = args.warmup
     dt = {name: [s["dt"] for s in worker.steps[w:]] for name, worker in by.items()}
@@ -547,12 +560,18 @@ def summarise(case: Case, by: dict[str, Worker], args: argparse.Namespace, preco
     }
     if "mpo_cached" in med:
         steps_per_epoch = n_pairs // BATCH
+        precompute_s = precompute["precompute_s"]
         amortised = med["mpo_cached"] + precompute_s / steps_per_epoch
         out.update({
             "mpo_cached_pairs_per_s": BATCH / med["mpo_cached"], "mpo_cached_step_s": med["mpo_cached"],
             "speedup_vs_trl_cached_ref": med["trl"] / med["mpo_cached"],
             "speedup_vs_trl_cached_ref_paired": paired("trl", "mpo_cached"),
             "precompute_s": precompute_s, "steps_per_epoch": steps_per_epoch,
+            # where the precompute's time went, against what the in-loop reference adds to an epoch of steps:
+            # the epoch target holds when precompute_s <= in_loop_reference_epoch_s
+            "precompute_forward_s": precompute["precompute_forward_s"],
+            "precompute_waiting_s": precompute["precompute_waiting_s"],
+            "in_loop_reference_epoch_s": (med["mpo"] - med["mpo_cached"]) * steps_per_epoch,
             "epoch_speedup_vs_trl_cached_ref": med["trl"] / amortised,
             "mpo_cached_mem_mb": mem("mpo_cached"),
             "step_over_bound": med["mpo_cached"] / bound_policy,
@@ -608,7 +627,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"precompute {r['precompute_s']:.1f} s for {r['steps_per_epoch']} steps/epoch → epoch speedup "
               f"{r['epoch_speedup_vs_trl_cached_ref']:.2f} (other processes during it: "
               f"{r['loadavg'].get('precompute_other_processes_cores')} cores; "
-              f"{r['pairs_per_question']} pair(s) per question)")
+              f"{r['pairs_per_question']} pair(s) per question): reference forward {r['precompute_forward_s']:.1f} s, "
+              f"waiting for batches {r['precompute_waiting_s']:.1f} s; the in-loop reference adds "
+              f"{r['in_loop_reference_epoch_s']:.1f} s to an epoch")
     print(f"mem ratio mpo/trl {r['mem_ratio_vs_trl']:.2f}; paired speedup (median of per-step ratios) "
           f"{r['speedup_vs_trl_paired']:.2f}; step-1 losses {r['loss_step1']}")
     for key, c in r["targets"].items():

@@ -4,6 +4,8 @@ a killed precompute resumes without recomputing finished pairs."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -21,12 +23,18 @@ def _weights(path):
     return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_cached_reference_trains_like_the_in_loop_reference(demo_model, demo_data, tmp_path):
+def test_cached_reference_trains_like_the_in_loop_reference(demo_model, demo_data, tmp_path, caplog):
     meta = demo_data / "meta.json"
-    cache = run_precompute(run_config(demo_model, meta, tmp_path / "pre", f"train.ref_cache={tmp_path / 'cache'}"),
-                           progress=False)
+    with caplog.at_level(logging.INFO, logger="mpo.refcache"):
+        cache = run_precompute(run_config(demo_model, meta, tmp_path / "pre", f"train.ref_cache={tmp_path / 'cache'}"),
+                               progress=False)
     lines = list(read_parts(cache))
     assert len(lines) == len({(d, line) for d, line, _, _ in lines}) == 96  # every pair once
+    # the rank's time, split into the reference forward and the wait for batches, is logged
+    (timing,) = [r.timing for r in caplog.records if hasattr(r, "timing")]
+    assert 0 < timing.scoring_s and 0 <= timing.waiting_s and timing.scoring_s + timing.waiting_s <= timing.total_s
+    assert re.search(r"rank 0: 96 pairs in [\d.]+ s: reference forward [\d.]+ s, waiting for batches [\d.]+ s",
+                     caplog.text)
     run_train(run_config(demo_model, meta, tmp_path / "a"))
     run_train(run_config(demo_model, meta, tmp_path / "b", f"train.ref_cache={cache}"))
     a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,11 +134,14 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         ready = prefetch((planned[b] for b in range(len(planned))), 1)
     source = iter(ready)
 
+    timing = PrecomputeTiming()
+
     def batches():
         """(pairs of this rank in the step, their row errors, the batch to score or None, whether to write it)."""
         spare = None  # lock-step: a usable batch to score when this rank has none of its own in a step
         for b in range(n_batches):
-            n_items, errors, batch = next(source) if b < len(plan) else (0, [], None)
+            with timing.waiting():
+                n_items, errors, batch = next(source) if b < len(plan) else (0, [], None)
             if batch is not None:
                 spare = batch
                 yield n_items, errors, batch, True
@@ -153,7 +158,10 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                 for err in errors:
                     rejects.write(err)
                 if batch is not None:
-                    scores = scorer(batch.to(acc.device))
+                    with timing.scoring():
+                        scores = scorer(batch.to(acc.device))
+                        if acc.device.type == "cuda":  # the kernels end here, not in the next batch's wait
+                            torch.cuda.synchronize(acc.device)
                     if write:
                         writer.write(batch.sources, scores.chosen_logps, scores.rejected_logps)
                         n += batch.num_pairs
@@ -163,13 +171,43 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         bar.close()
         writer.close()
         rejects.close()
-    log.info("rank %d: %d pairs in %.1f s", acc.process_index, n, time.perf_counter() - t0)
+    timing.total_s = time.perf_counter() - t0
+    log.info("rank %d: %d pairs in %s", acc.process_index, n, timing, extra={"timing": timing})
     acc.wait_for_everyone()
     if acc.is_main_process:
         total = merge_parts(out, fp)
         log.info("reference cache %s: %d pairs", out, total)
     acc.wait_for_everyone()
     return out
+
+
+@dataclass
+class PrecomputeTiming:
+    """Where one rank's precompute time went: ``scoring_s`` in the reference forward, ``waiting_s`` blocked on the
+    next batch (decoding, tiling and collating that did not hide behind the forward), the rest writing and
+    bookkeeping. A large ``waiting_s`` says the data side sets the pace: raise ``data.num_workers``."""
+
+    total_s: float = 0.0
+    scoring_s: float = 0.0
+    waiting_s: float = 0.0
+
+    @contextmanager
+    def scoring(self):
+        t = time.perf_counter()
+        yield
+        self.scoring_s += time.perf_counter() - t
+
+    @contextmanager
+    def waiting(self):
+        t = time.perf_counter()
+        yield
+        self.waiting_s += time.perf_counter() - t
+
+    def __str__(self) -> str:
+        text = f"{self.total_s:.1f} s: reference forward {self.scoring_s:.1f} s, waiting for batches {self.waiting_s:.1f} s"
+        if self.waiting_s > 0.25 * self.total_s:
+            text += " (the data side sets the pace: raise data.num_workers if there are spare cores)"
+        return text
 
 
 class _PlannedBatches(Dataset):
