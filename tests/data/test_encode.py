@@ -220,3 +220,16 @@ def test_bad_arguments(internvl):
         PairEncoder(internvl.processor, max_length=0)
     with pytest.raises(ValueError, match=r"^max_patches must be >= 1, got 0$"):
         internvl.encode(record(), [image()], max_patches=0)
+
+
+def test_an_image_the_processor_refuses_is_the_rows_error(qwen, internvl):
+    # Qwen2.5-VL's processor refuses an aspect ratio over 200 with a plain ValueError: that is one bad row, reported
+    # with its dataset, line and field, not an exception that ends the run
+    wide = image((2100, 10))
+    message = (r"^shapes:7: image: the processor refused it: ValueError: absolute aspect ratio must be smaller "
+               r"than 200, got 210\.0$")
+    with pytest.raises(RowError, match=message):
+        qwen.encode(record(), [wide])
+    with pytest.raises(RowError, match=message):
+        qwen.plan_length(record(), [wide.size])
+    assert internvl.encode(record(), [wide]).n_images == 1  # InternVL tiles it (into 6 × 1 strips)

@@ -22,6 +22,8 @@ than ``max_length`` is dropped (``TooLongError``), never truncated through an im
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,6 +78,21 @@ class EncodedPair:
     def length(self) -> int:
         """P + max(C, R): the longer of the two sequences prompt+chosen and prompt+rejected."""
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@contextmanager
+def _refusal_is_the_rows(record: _Record, images: list) -> Iterator[None]:
+    """An exception from the processor while it handles one row's images (Qwen2.5-VL refuses an aspect ratio over
+    200; a processor may refuse a size or mode) becomes that row's :class:`RowError`: reported and written aside,
+    not a crash of the run."""
+    try:
+        yield
+    except RowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the processor raises, it is about this row
+        field = "image" if images else "question"
+        raise RowError(record.dataset, record.line, field,
+                       f"the processor refused it: {type(exc).__name__}: {exc}") from exc
 
 
 def question_content(question: str) -> list[dict[str, str]]:
@@ -208,8 +225,10 @@ class PairEncoder:
         text = self.prompt_text(record)
         add_special = self._add_special_tokens(text)
         if self.multimodal:
-            out = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                 add_special_tokens=add_special, **(self._image_kwargs(max_patches) if images else {}))
+            kwargs = self._image_kwargs(max_patches) if images else {}
+            with _refusal_is_the_rows(record, images):
+                out = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                     add_special_tokens=add_special, **kwargs)
         else:
             out = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
         prompt_ids = out.pop("input_ids")[0].to(torch.long)
@@ -252,8 +271,9 @@ class PairEncoder:
             if not hasattr(self.processor, "_get_num_multimodal_tokens"):
                 raise NotImplementedError(f"{type(self.processor).__name__} cannot count image tokens from image "
                                           "sizes (no _get_num_multimodal_tokens); encode the pair to measure it")
-            mm = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in image_sizes],
-                                                           **self._image_kwargs(max_patches))
+            kwargs = self._image_kwargs(max_patches)
+            with _refusal_is_the_rows(record, image_sizes):
+                mm = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in image_sizes], **kwargs)
             n_prompt += sum(mm.num_image_tokens) - len(image_sizes)
         return n_prompt + max(len(self._completion_ids(record.chosen)), len(self._completion_ids(record.rejected)))
 
