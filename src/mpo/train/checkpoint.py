@@ -206,6 +206,11 @@ def _complete(path: Path) -> bool:
                                                         or (path / _DS_DIR / _DS_TAG).is_dir())
 
 
+def is_checkpoint(path: Path) -> bool:
+    """``path`` is a ``checkpoint-<step>`` folder (complete or not)."""
+    return bool(_NAME.match(path.name)) and path.is_dir()
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete ``checkpoint-<step>`` folder, or None."""
     if not output_dir.is_dir():

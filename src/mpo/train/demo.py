@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, 
     eval_kw = dict(max_length=512, max_dynamic_patch=1, batch_size=64)
 
     before = run_eval(str(model_dir), heldout, **eval_kw)
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo's own run of an earlier `make demo`: trained anew
     overrides = [f"model.path={model_dir}", f"data.meta_path={data / 'meta.json'}", f"train.output_dir={out / 'run'}"]
     if steps:
         overrides.append(f"train.max_steps={steps}")

@@ -20,10 +20,13 @@ CONSOLE_KEYS = ("loss", "loss/sigmoid_weighted", "loss/bco_pair_weighted", "loss
                 "rewards/margins", "delta", "grad_norm", "lr", "pairs_per_s")
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, report_to: list[str], *, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._fh = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._tb = self._wandb = None
         if not enabled:

@@ -44,7 +44,7 @@ from mpo.train.accelerator import TrainingError, _derive_accumulation, accelerat
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch, vision_filler
 from mpo.train.forward import PairScorer, PairScores, backbone_of, replayable_tower
-from mpo.train.metrics import MetricsLogger
+from mpo.train.metrics import METRICS_FILE, MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
     Zero3PairScorer,
@@ -65,6 +65,9 @@ from mpo.train.setup import (
 __all__ = ["TrainingError", "TrainResult", "run_train"]
 
 log = logging.getLogger("mpo.train")
+
+REJECTED_ROWS = "rejected_rows.jsonl"
+LOGS = (METRICS_FILE, REJECTED_ROWS)  # appended to as the run goes; a checkpoint records how far
 
 
 @dataclass
@@ -109,6 +112,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     zero_stage = zero_stage_of(accelerator)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if latest is None:
+        _start_afresh(out, accelerator, resume)
     set_seed(cfg.train.seed)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
     if accelerator.is_main_process:
@@ -144,8 +150,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor)) if tc.ref_cache else None
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
-    rejects = RejectedRowLog(out / "rejected_rows.jsonl")
-    latest = ckpt.latest_checkpoint(out) if resume else None
+    rejects = RejectedRowLog(out / REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
         _require_usable_rows(dataset, cfg, rejects)
 
@@ -203,16 +208,35 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                rejects, metrics, start_step, config_text, share_vision)
 
 
+def _start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
+    """A run that does not resume starts in a folder without another run's checkpoints or final model (its
+    checkpoints would mix with this run's: ``--resume`` and ``save_total_limit`` pick the newest by step number,
+    whichever run wrote it). Logs of an earlier attempt that saved nothing are started anew, not appended to."""
+    earlier = sorted(p.name for p in out.iterdir() if ckpt.is_checkpoint(p) or (p.name == "final" and p.is_dir()))
+    if earlier:
+        how = "it has no complete checkpoint to resume from" if resume else "continue it with --resume"
+        raise TrainingError(f"{out} already holds another run ({', '.join(earlier[:3])}"
+                            f"{', ...' if len(earlier) > 3 else ''}): {how}, or set train.output_dir to a new folder")
+    if accelerator.is_main_process:
+        for name in LOGS:
+            if (out / name).is_file() and (out / name).stat().st_size:
+                log.warning("%s: starting a new %s (the earlier attempt in this folder saved no checkpoint)",
+                            out / name, name)
+                (out / name).write_bytes(b"")
+    accelerator.wait_for_everyone()
+
+
 def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: RejectedRowLog) -> None:
-    """Fail before training when no row of the mixture can be used (scans only until the first good row)."""
+    """Fail before training when no row of the mixture can be used (scans only until the first good row). The bad
+    rows it meets on the way are reported by training when it reaches them (once), or here when none is usable."""
     if len(dataset) == 0:
         raise TrainingError(f"{cfg.data.meta_path}: the meta file yields no rows (every repeat_time is 0 or every "
                             "annotation file is empty)")
     for i in range(len(dataset)):
-        item = dataset[i]
-        if not isinstance(item, RowError):
+        if not isinstance(dataset[i], RowError):
             return
-        handle_bad_row(item, cfg.data.on_bad_row, rejects)
+    for i in range(len(dataset)):
+        handle_bad_row(dataset[i], cfg.data.on_bad_row, rejects)
     raise TrainingError(f"{cfg.data.meta_path}: none of the {len(dataset)} rows is usable; the reasons are in "
                         f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
 
@@ -239,6 +263,12 @@ def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler,
         del saved
     trainer_state = ckpt.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
     delta.load_state_dict(trainer_state["delta"])
+    if accelerator.is_main_process:  # steps and rows after the checkpoint come again: log them once, not twice
+        for name, size in trainer_state.get("log_bytes", {}).items():
+            if (path.parent / name).is_file() and (path.parent / name).stat().st_size > size:
+                with open(path.parent / name, "r+b") as fh:
+                    fh.truncate(size)
+    accelerator.wait_for_everyone()
     rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
     pos = trainer_state["position"]
     return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])
@@ -418,7 +448,8 @@ def save(run: Run, step: int) -> None:
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
-                 "world_size": acc.num_processes}
+                 "world_size": acc.num_processes,
+                 "log_bytes": {name: (out / name).stat().st_size if (out / name).is_file() else 0 for name in LOGS}}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
                              started=deepspeed)
