@@ -154,6 +154,20 @@ def test_sixteen_bit_grey_keeps_its_gradient(tmp_path):
     assert np.all(np.diff(grey.astype(int)) >= 0) and len(set(grey.tolist())) > 200
 
 
+def test_32_bit_and_16_bit_pgm_grey_are_scaled_not_clipped(tmp_path):
+    """Pillow opens a 16-bit PGM and a 32-bit TIFF as mode "I" and floats as "F"; its conversion clips at 255, so
+    a mid-grey 16-bit PGM came out pure white. The values are scaled by the range they imply."""
+    (tmp_path / "g16.pgm").write_bytes(b"P5\n4 1\n65535\n" + np.array([0, 32768, 65535, 1000], ">u2").tobytes())
+    Image.fromarray(np.array([[0, 100, 255, 7]], np.int32)).save(tmp_path / "g8.tif")  # 8-bit values in "I"
+    Image.fromarray(np.array([[-5, 0, 5, 15]], np.int32)).save(tmp_path / "signed.tif")  # stretched min..max
+    Image.fromarray(np.array([[0, 0.5, 1, 0.25]], np.float32)).save(tmp_path / "frac.tif")  # fractions
+    expected = {"g16.pgm": [0, 128, 255, 4], "g8.tif": [0, 100, 255, 7], "signed.tif": [0, 64, 128, 255],
+                "frac.tif": [0, 128, 255, 64]}
+    for name, grey in expected.items():
+        assert Image.open(tmp_path / name).mode in ("I", "F"), name
+        assert np.asarray(load_image(tmp_path, name, dataset="ds", line=1))[0, :, 0].tolist() == grey, name
+
+
 def test_images_are_fully_decoded_inside_the_call(tmp_path: Path):
     """A truncated file fails in ``load_image`` (one row error), not later inside the processor of a worker."""
     data = _png(Image.new("RGB", (64, 64), RED), compress_level=0)

@@ -93,11 +93,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # PIL's own conversion clips at 255, which turns a 16-bit grey image (PNG, TIFF) almost all white.
         grey = np.asarray(img, dtype=np.uint16) >> 8
         return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):  # 32-bit int or float grey: 16-bit PGM/PNM, 32-bit TIFF; PIL would clip at 255 too
+        return Image.fromarray(_grey_to_8_bits(np.asarray(img)), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """(H, W) int32 or float32 grey → uint8, by the range the values imply (the file's bit depth is not kept in
+    these modes): floats in [0, 1] are fractions; values in [0, 255] are 8-bit; in [0, 65535], 16-bit (÷ 257, so
+    65535 → 255); anything else (negative, larger, a float range) is stretched from its minimum to its maximum."""
+    a = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if values.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257
+    elif hi > lo:
+        a = (a - lo) * (255 / (hi - lo))
+    else:
+        a = np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------
