@@ -24,6 +24,15 @@ def test_blank_lines_are_skipped_but_line_numbers_kept(tmp_path):
     assert _rows(AnnotationIndex(path)) == [(1, b'{"a": 1}'), (3, b'{"a": 2}'), (6, b'{"a": 3}')]
 
 
+def test_long_whitespace_lines_are_blank_and_indented_rows_are_rows(tmp_path):
+    """Whitespace-only lines of any length are blank (lines over 16 bytes were once kept as rows and then reported
+    as bad JSON); a row indented by whitespace stays a row; a BOM before whitespace still makes a blank line."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf' + b" " * 40 + b'\n{"a": 1}\n' + b"\t \x0b\x0c" * 20 + b'\r\n    {"a": 2}\n'
+                     + b" " * 17)
+    assert _rows(AnnotationIndex(path)) == [(2, b'{"a": 1}'), (4, b'    {"a": 2}')]
+
+
 def test_crlf_and_last_line_without_newline(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"a": 1}\r\n{"a": 2}\r\n{"a": 3}')

@@ -29,10 +29,9 @@ __all__ = ["AnnotationIndex", "default_cache_dir"]
 log = logging.getLogger(__name__)
 
 _CHUNK = 16 << 20
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: whitespace-only lines of any length are not rows
 _BOM = b"\xef\xbb\xbf"
-# A line this short cannot be a valid row, so only lines this short are read back to test for whitespace.
-_SHORT = 16
+_WHITESPACE = np.frombuffer(b" \t\r\x0b\x0c", dtype=np.uint8)  # what bytes.strip() removes, "\n" aside
 
 
 def default_cache_dir() -> Path:
@@ -142,11 +141,13 @@ def _scan(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if fh.read(3) == _BOM:
             starts[0] = min(3, int(ends[0]))
         keep = ends > starts
-        short = np.flatnonzero(keep & (ends - starts <= _SHORT))
-        for k in short:
-            fh.seek(int(starts[k]))
-            if not fh.read(int(ends[k] - starts[k])).strip():
-                keep[k] = False
+        if offset:
+            # only a line that starts with whitespace can be blank: read those back (a row starts with "{")
+            first = np.memmap(path, dtype=np.uint8, mode="r")[starts[keep]]
+            for k in np.flatnonzero(keep)[np.isin(first, _WHITESPACE)]:
+                fh.seek(int(starts[k]))
+                if not fh.read(int(ends[k] - starts[k])).strip():
+                    keep[k] = False
     return starts[keep], ends[keep], lines[keep]
 
 
