@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,13 @@ def test_unknown_key_is_a_warning_naming_the_key(tmp_path):
     assert entry.spec is not None
     assert entry.warnings == [("colour", "unknown key, ignored (known keys: root, annotation, repeat_time, "
                                          "max_dynamic_patch, data_augment, length, allow_outside_root)")]
+
+
+def test_read_meta_logs_the_warnings_that_training_would_otherwise_never_show(tmp_path, caplog):
+    """A misspelt "repeat_times" trains with the default repeat_time 1: training reads the meta file through
+    read_meta, so the warning has to be logged there, not only shown by `mpo data check`."""
+    meta = _meta(tmp_path, {"a": {"root": ".", "annotation": "a.jsonl", "repeat_times": 3}})
+    with caplog.at_level(logging.WARNING, logger="mpo.data.meta"):
+        (spec,) = read_meta(meta)
+    assert spec.repeat_time == 1
+    assert f"{meta}: a: repeat_times: unknown key, ignored (known keys: root" in caplog.text

@@ -107,6 +107,13 @@ def test_length_mismatch_is_logged(write_dataset, caplog):
     assert "ds: meta length 5 differs from the 3 rows of" in caplog.text
 
 
+def test_a_fraction_that_selects_no_row_is_logged(write_dataset, caplog):
+    meta = write_dataset(_rows(5), repeat_time=0.1)
+    with caplog.at_level(logging.WARNING, logger="mpo.data.mixture"):
+        assert PreferenceMixture(read_meta(meta)).dataset_sizes == {"ds": 0}
+    assert "ds: repeat_time 0.1 of 5 rows selects none (int(5 x 0.1) = 0): the dataset is left out" in caplog.text
+
+
 def test_duplicate_names_are_refused(write_dataset):
     (spec,) = read_meta(write_dataset(_rows(1)))
     with pytest.raises(ValueError, match="dataset names must be unique, repeated: ds"):

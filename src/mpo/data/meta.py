@@ -26,6 +26,7 @@ working directory, so a run depended on where it was started from).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from pathlib import Path
 from mpo.data.errors import MetaError
 
 __all__ = ["DatasetSpec", "MetaEntry", "read_meta", "read_meta_entries", "KNOWN_KEYS"]
+
+log = logging.getLogger(__name__)
 
 KNOWN_KEYS = ("root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length",
               "allow_outside_root")
@@ -100,6 +103,9 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
     bad = [f"{path}: {e.name}: {e.error_field or '-'}: {e.error}" for e in entries if e.spec is None]
     if bad:
         raise MetaError("\n".join(bad))
+    for e in entries:  # e.g. a misspelt "repeat_times": the run goes on with the default, and says so
+        for key, message in e.warnings:
+            log.warning("%s: %s: %s: %s", path, e.name, key, message)
     return [e.spec for e in entries if e.spec is not None]
 
 

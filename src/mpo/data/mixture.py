@@ -104,6 +104,9 @@ class PreferenceMixture:
                             spec.annotation)
             self._indexes.append(index)
             self._selections.append(select_rows(n_rows, spec.repeat_time, seed=seed, name=spec.name))
+            if spec.repeat_time > 0 and n_rows and not len(self._selections[-1]):
+                log.warning("%s: repeat_time %g of %d rows selects none (int(%d x %g) = 0): the dataset is left out",
+                            spec.name, spec.repeat_time, n_rows, n_rows, spec.repeat_time)
         sizes = [len(s) for s in self._selections]
         if sum(sizes) > _MAX_ROWS:  # np.cumsum would wrap around silently
             raise MetaError(f"the datasets hold {sum(sizes):.3g} rows after repeat_time, more than the "

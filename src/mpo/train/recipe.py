@@ -149,6 +149,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     specs = read_meta(cfg.data.meta_path)
     cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor)) if tc.ref_cache else None
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
+    log.info("data: %d pairs per epoch (%s)", len(mixture),
+             ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
     rejects = RejectedRowLog(out / REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
