@@ -47,6 +47,28 @@ def test_cached_reference_trains_like_the_in_loop_reference(demo_model, demo_dat
         assert x["delta"] == pytest.approx(y["delta"], abs=1e-6)
 
 
+def test_data_augment_trains_the_same_with_the_cache_as_in_the_loop(demo_model, demo_data, tmp_path):
+    """data_augment draws a row's JPEG qualities from (seed, dataset, line), so the cache (one entry per row, its
+    question's pairs scored together) holds the reference log-probs of exactly the tiles training sees."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["shape_colour"]["data_augment"] = meta["pair_colour"]["data_augment"] = True
+    (data / "meta.json").write_text(json.dumps(meta))
+    cache = run_precompute(run_config(demo_model, data / "meta.json", tmp_path / "pre",
+                                      f"train.ref_cache={tmp_path / 'cache'}"), progress=False)
+    run_train(run_config(demo_model, data / "meta.json", tmp_path / "a"))
+    run_train(run_config(demo_model, data / "meta.json", tmp_path / "b", f"train.ref_cache={cache}"))
+    a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+    with pytest.raises(TrainingError, match=r"datasets.shape_colour.data_augment: cache has True, this run has "
+                                            r"False"):
+        meta["shape_colour"]["data_augment"] = False
+        (data / "meta.json").write_text(json.dumps(meta))
+        run_train(run_config(demo_model, data / "meta.json", tmp_path / "c", f"train.ref_cache={cache}"))
+
+
 def test_cache_for_other_data_is_refused_with_the_reason(demo_model, demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)

@@ -195,6 +195,11 @@ class PairEncoder:
             raise RowError(record.dataset, record.line, "question", f"has {n_placeholders} {IMAGE_PLACEHOLDER} "
                            f"placeholder(s) but {n_images} image(s) were given")
 
+    @property
+    def tiles(self) -> bool:
+        """The processor cuts images into tiles (InternVL), giving ``pixel_values`` (T, 3, S, S)."""
+        return self._tiles
+
     def _image_kwargs(self, max_patches: int | None) -> dict[str, Any]:
         """Tiling kwargs for processors that tile (InternVL); processors without tiles (Qwen2.5-VL) get none
         and ignore ``max_patches``: their image grid comes from the pixel budget of the processor."""

@@ -15,7 +15,8 @@ Keys of a dataset entry (everything else gives a warning that names the key):
   ``r >= 1`` keeps ``int(r)`` full copies plus a seeded subsample of ``int(N * (r - int(r)))`` rows. InternVL drops
   the fraction above 1 (1.5 behaves like 1); we keep it. ``0`` skips the dataset.
 * ``max_dynamic_patch`` (int >= 1 or null): tile budget of this dataset, overriding the global one.
-* ``data_augment`` (bool, default false): augmentation for this dataset.
+* ``data_augment`` (bool, default false): InternVL's training transform for this dataset, a JPEG re-encode of
+  every tile at a quality from 75..100 (:mod:`mpo.data.augment`; InternVL tiles only).
 * ``length`` (int >= 0 or null): informational row count; a mismatch with the file gives a warning.
 * ``allow_outside_root`` (bool, default false): allow image paths that resolve outside ``root``.
 

@@ -22,14 +22,17 @@ import logging
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from mpo.data.augment import jpeg_degrade_tiles
 from mpo.data.encode import EncodedPair, PairEncoder
-from mpo.data.errors import RowError
+from mpo.data.errors import MetaError, RowError
 from mpo.data.mixture import PreferenceMixture
 from mpo.train.batch import PairBatch, collate_naive
 from mpo.train.shared import collate_shared
@@ -43,8 +46,16 @@ __all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefet
 class EncodedPairs(Dataset):
     """Item ``i`` of the mixture, encoded: an :class:`EncodedPair`, or the :class:`RowError` that stopped it."""
 
-    def __init__(self, mixture: PreferenceMixture, encoder: PairEncoder, *, blank_images: bool = False):
+    def __init__(self, mixture: PreferenceMixture, encoder: PairEncoder, *, blank_images: bool = False,
+                 augment_seed: int | None = None):
+        """``augment_seed``: apply ``data_augment`` (:mod:`mpo.data.augment`) with this seed, as training and the
+        reference precompute do; None (evaluation) never augments."""
         self.mixture, self.encoder, self.blank_images = mixture, encoder, blank_images
+        self.augment_seed = augment_seed
+        augmented = [s.name for s in mixture.specs if s.data_augment and s.repeat_time > 0]
+        if augment_seed is not None and augmented and not encoder.tiles:
+            raise MetaError(f"{', '.join(augmented)}: data_augment re-encodes InternVL's image tiles as JPEG; "
+                            f"{type(encoder.processor).__name__} does not tile images (set data_augment: false)")
 
     def __len__(self) -> int:
         return len(self.mixture)
@@ -59,6 +70,10 @@ class EncodedPairs(Dataset):
                 images = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
             pair = self.encoder.encode(record, images, max_patches=self.mixture.tile_budget(record))
             pair.index = i
+            if pair.n_images and self._augments(i):
+                pair.image_inputs["pixel_values"] = jpeg_degrade_tiles(
+                    pair.image_inputs["pixel_values"], self.encoder.processor.image_processor,
+                    np.random.default_rng([self.augment_seed, zlib.crc32(pair.dataset.encode()), pair.line]))
             return pair
         except RowError as err:
             return err
@@ -67,6 +82,8 @@ class EncodedPairs(Dataset):
         """Items ``indices`` — pairs of one question (:func:`question_key` equal) — encoded with their images
         decoded and tiled once: the first usable pair is encoded whole, the others get its prompt and image tensors
         (:meth:`~mpo.data.encode.PairEncoder.encode_answers`). Row errors stay per pair, as ``self[i]`` gives them."""
+        if indices and self._augments(indices[0]):  # each pair's tiles get their own JPEG qualities
+            return [self[i] for i in indices]
         out: list[EncodedPair | RowError] = []
         like = None
         for i in indices:
@@ -83,6 +100,10 @@ class EncodedPairs(Dataset):
             except RowError as err:
                 out.append(err)
         return out
+
+
+    def _augments(self, i: int) -> bool:
+        return self.augment_seed is not None and self.mixture.spec(self.mixture.locate(i)[0]).data_augment
 
 
 def question_key(record) -> bytes:

@@ -76,7 +76,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     acc.wait_for_everyone()
 
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
-    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
+    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
     done = {(d, line) for d, line, _, _ in read_parts(out)} if (out / "parts").is_dir() else set()
     seen, todo = set(done), []
     for i in range(len(mixture)):

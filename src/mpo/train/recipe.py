@@ -151,7 +151,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     log.info("data: %d pairs per epoch (%s)", len(mixture),
              ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
-    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length))
+    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
     rejects = RejectedRowLog(out / REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
         _require_usable_rows(dataset, cfg, rejects)

@@ -74,8 +74,11 @@ def fingerprint(cfg, specs, processor) -> dict:
         "max_length": cfg.data.max_length,
         "max_dynamic_patch": cfg.data.max_dynamic_patch,
         "datasets": {s.name: {"annotation": str(s.annotation), "size": s.annotation.stat().st_size,
-                              "mtime_ns": s.annotation.stat().st_mtime_ns, "max_dynamic_patch": s.max_dynamic_patch}
+                              "mtime_ns": s.annotation.stat().st_mtime_ns, "max_dynamic_patch": s.max_dynamic_patch,
+                              "root": str(s.root), "data_augment": s.data_augment}
                      for s in specs if s.repeat_time > 0},
+        # data_augment draws each row's JPEG qualities from (data.seed, dataset, line)
+        "augment_seed": cfg.data.seed if any(s.data_augment for s in specs if s.repeat_time > 0) else None,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
         "mpo_version": __version__,
