@@ -23,6 +23,7 @@ from mpo.generate.answers import (
     normalize_answer,
     option_letter,
 )
+from mpo.generate.numbers import Number, parse_number
 
 R = "Step 1: read the figure.\nStep 2: compute the value.\n"  # enough reasoning for every format check
 THINK = "<think>I look at the figure and count the objects carefully.</think>\n"
@@ -338,3 +339,77 @@ def test_fix_answer_never_plants_the_right_answer_seed_bug() -> None:
     *rejected* sample stating the right answer. We only rewrite option letters already judged right."""
     response = R + "Final answer: 12"
     assert fix_answer(response, extract_answer(response, "en"), "2", "en") is None
+
+
+# (id, pred, gt, expected): a number with a unit tail. Before the fix every True case here was judged wrong
+# (and became the rejected side of a pair whose chosen side said the same), and "12 thousand" was right for 12.
+UNIT_CASES = [
+    ("square-units", "12 square units", "12", True),
+    ("sq-units", "12 sq units", "12", True),
+    ("sq-dot-ft", "12 sq. ft", "12", True),
+    ("text-square-units", "12 \\text{square units}", "12", True),
+    ("superscript-cm2", "12 cm²", "12", True),
+    ("km-per-h", "12 km/h", "12", True),
+    ("m-per-s", "12 m/s", "12", True),
+    ("latex-space-text", "12\\ \\text{cm}", "12", True),
+    ("mathrm-tilde", "12 \\mathrm{~cm}", "12", True),
+    ("thin-space-text-power", "12\\,\\text{cm}^{2}", "12", True),
+    ("years-old", "12 years old", "12", True),
+    ("degrees-celsius", "12 degrees Celsius", "12", True),
+    ("per-cent-words", "12 per cent", "12", True),
+    ("centimeters-for-cm", "12 centimeters", "12 cm", True),
+    ("meters-for-m", "5 meters", "5 m", True),
+    ("minutes-for-min", "10 minutes", "10 min", True),
+    ("feet-for-ft", "5 ft", "5 feet", True),
+    ("cm-for-centimeters", "12 cm", "12 centimeters", True),
+    ("metres-spelling", "5 metres", "5 meters", True),
+    ("square-centimeters-for-cm2", "12 square centimeters", "12 cm^2", True),
+    ("per-word-for-slash", "12 meters per second", "12 m/s", True),
+    ("seconds-for-s", "30 sec", "30 seconds", True),
+    ("hours-for-hr", "3 hours", "3 hr", True),
+    ("inches-for-in", "4 inches", "4 in", True),
+    ("kg-for-kilograms", "2 kg", "2 kilograms", True),
+    ("degrees-for-circ", "45 degrees", "45^{\\circ}", True),
+    ("years-for-yrs", "7 years", "7 yrs", True),
+    ("descriptive-word", "12 cm long", "12 cm", True),
+    ("million-multiplier", "1.5 million", "1500000", True),
+    ("thousand-multiplier", "12 thousand", "12000", True),
+    ("formula-with-unit", "x = 12 \\text{ cm}", "12", True),  # math-verify, the unit cut off
+    ("surd-with-unit", "2\\sqrt{3} \\text{ cm}", "\\sqrt{12}", True),
+    ("thousand-is-not-12", "12 thousand", "12", False),
+    ("million-is-not-1.5", "1.5 million", "1.5", False),
+    ("other-unit", "12 m", "12 cm", False),
+    ("other-time-unit", "12 hours", "12 minutes", False),
+    ("other-speed-unit", "12 m/s", "12 km/h", False),
+    ("other-dimension", "12 \\text{cm}^2", "12 cm", False),
+    ("formula-other-unit", "x = 12 \\text{ m}", "12 cm", False),
+    ("or-is-not-a-unit", "12 or thirteen", "12", False),
+    ("and-a-half", "12 and a half", "12", False),
+    ("is-wrong", "12 is wrong", "12", False),
+    ("text-is-incorrect", "12 \\text{ is incorrect}", "12", False),
+    ("variable-is-not-a-unit", "2x", "2", False),
+    ("pi-is-not-a-unit", "12 pi", "12", False),
+    ("k-is-not-kelvin", "12k", "12", False),
+    ("second-number-in-tail", "12 ft 6 in", "12", False),
+]
+
+
+@pytest.mark.parametrize("pred,gt,expected", [c[1:] for c in UNIT_CASES], ids=[c[0] for c in UNIT_CASES])
+def test_check_answer_units(pred: str, gt: str, expected: bool) -> None:
+    """A unit after a number never makes a right answer wrong; only two differing units do."""
+    assert check_answer(pred, gt, "auto", timeout=30) is expected
+
+
+@pytest.mark.parametrize("text,number", [
+    ("12 \\text{square units}", Number(12, True, "")),
+    ("5 meters", Number(5, True, "m")),
+    ("12 cm²", Number(12, True, "cm^2")),
+    ("12 km per hour", Number(12, True, "km/h")),
+    ("12 degrees Celsius", Number(12, True, "° c")),
+    ("1.5 million", Number(1500000, False, "")),
+    ("\\frac{1}{2} m", Number(0.5, False, "m")),
+    ("12 or 13", None),
+    ("12 is wrong", None),
+])
+def test_parse_number_units(text: str, number: Number | None) -> None:
+    assert parse_number(text) == number

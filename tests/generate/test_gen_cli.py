@@ -94,3 +94,63 @@ def test_sigkill_mid_run_then_restart_loses_and_duplicates_nothing(tmp_path, tin
         assert all(isinstance(json.loads(line), dict) for line in data.splitlines())
     summary = json.loads((run_dir / "reports" / "correctness.summary.json").read_text())
     assert summary["samples"] == items * n and summary["duplicates_ignored"] == 0
+
+
+def _one_line(result) -> str:
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_tp_on_the_hf_backend_is_a_flag_error_and_writes_nothing(tmp_path):
+    """The seed README's ``--tp 8`` on the default backend: a traceback after settings.json was written, which
+    then refused ``--backend vllm``. Now a flag error before anything exists."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": "q", "answer": "a"}\n')
+    result = CliRunner().invoke(app, ["generate", "dropout-ntp", "--checkpoint", "x", "--prompt-path", str(prompts),
+                                      "--out-dir", str(tmp_path / "out"), "--tp", "8"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert ("--tp 8: tensor parallelism needs --backend vllm (hf runs one model per process; start one process "
+            "per GPU instead)") in _one_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_is_a_flag_error_and_writes_nothing(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": "q", "answer": "a"}\n')
+    result = CliRunner().invoke(app, ["generate", "correctness", "--checkpoint", str(tmp_path / "none"),
+                                      "--prompt-path", str(prompts), "--out-dir", str(tmp_path / "out")],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert f"--checkpoint: {tmp_path / 'none'}: no such model folder" in _one_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (None, "temperature: this output was started with 1.0, now 0.7; rerun with the same settings or use another "
+           "--out-dir"),
+    (b"garbage\n", "not a JSON object, and not the last line"),
+])
+def test_resume_and_part_file_errors_are_one_line_with_exit_code_2(tmp_path, damage, message):
+    """ResumeError and PartFileError ended the command with a traceback; they are one ``error:`` line now."""
+    from gen_fakes import FakeSampler
+
+    from mpo.generate.correctness import CorrectnessConfig, correctness_output_path, run_correctness
+    from mpo.generate.sharding import OutputLayout
+
+    ckpt = tmp_path / "ckpt" / "tiny"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text('{"model_type": "qwen2"}')
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": "q", "answer": "a"}\n{"question": "r", "answer": "b"}\n')
+    cfg = CorrectnessConfig(checkpoint=str(ckpt), prompt_path=str(prompts), out_dir=str(tmp_path / "out"),
+                            num_return_sequences=2, progress=False, num_workers=0,
+                            temperature=0.7 if damage else 1.0)
+    run_correctness(cfg, FakeSampler(), env={})
+    if damage:
+        part = OutputLayout(correctness_output_path(cfg)).part(0, 1)
+        part.write_bytes(damage + part.read_bytes())
+    result = CliRunner().invoke(
+        app, ["generate", "correctness", "--checkpoint", str(ckpt), "--prompt-path", str(prompts), "--out-dir",
+              str(tmp_path / "out"), "--num-return-sequences", "2", "--no-progress"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

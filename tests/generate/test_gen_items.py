@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from gen_fakes import write_jsonl
@@ -19,13 +20,28 @@ from mpo.generate.items import (
 )
 
 
-def test_item_id_is_sha1_of_sorted_images_and_question():
-    """sha1('[["a.png", "b.png"], "Q?"]'): image order does not matter, chosen joins the key when given."""
+def test_item_id_is_sha1_of_images_in_file_order_and_question():
+    """sha1('[["a.png", "b.png"], "Q?"]'); chosen joins the key when given. The images are hashed in file order
+    (they were sorted): a question that says Image-1/Image-2 asks something else when the images swap."""
     expected = hashlib.sha1(b'[["a.png", "b.png"], "Q?"]').hexdigest()
     assert expected == "013d3e694e35ff657e21b86ca42ecf4c1e9935a4"
-    assert item_id(["b.png", "a.png"], "Q?") == item_id(["a.png", "b.png"], "Q?") == expected
+    assert item_id(["a.png", "b.png"], "Q?") == expected
+    assert item_id(["b.png", "a.png"], "Q?") == hashlib.sha1(b'[["b.png", "a.png"], "Q?"]').hexdigest() != expected
     assert item_id([], "Q?", "A.") == hashlib.sha1(b'[[], "Q?", "A."]').hexdigest()
     assert item_id([], "Q?", "A.") != item_id([], "Q?", "B.")
+
+
+def test_same_images_in_another_order_are_another_item(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    path = tmp_path / "p.jsonl"
+    question = "<image>\n<image>\nIs Image-1 wider than Image-2?"
+    write_jsonl(path, [{"image": ["a.png", "b.png"], "question": question, "answer": "yes"},
+                       {"image": ["b.png", "a.png"], "question": question, "answer": "no"}])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare)
+    assert [(it.line, it.images, it.row["answer"]) for it in prompts.items] == [
+        (1, ("a.png", "b.png"), "yes"), (2, ("b.png", "a.png"), "no")]
+    assert prompts.rejected == []
 
 
 def test_sample_seed_is_pinned_and_differs_per_index_and_run_seed():
@@ -120,3 +136,30 @@ def test_sample_max_num_subsamples_lines_before_validation(tmp_path):
     write_jsonl(path, [{"question": f"q{i}", "answer": i} for i in range(10)])
     prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare, sample_max_num=3)
     assert [it.line for it in prompts.items] == [1, 4, 7]
+
+
+def test_lines_end_at_newline_only_and_bad_utf8_is_one_rows_error(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid raw inside a JSON string (our own json.dumps writes them raw), so they
+    must not end a row; a line that is not UTF-8 is that row's error; a UTF-8 BOM at the start is skipped.
+    (``str.splitlines`` cut rows 1-3 in two, and the 0xe9 byte made the whole file a UnicodeDecodeError.)"""
+    path = tmp_path / "p.jsonl"
+    rows = [{"question": f"line{sep}break", "answer": f"a{sep}b"} for sep in ("\u2028", "\u2029", "\x85")]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8") + b'{"question": "caf\xe9", "answer": "x"}\r\n'
+                     + b'{"question": "last", "answer": "y"}\r\n')
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare)
+    assert [(it.line, it.row["answer"]) for it in prompts.items] == [
+        (1, "a\u2028b"), (2, "a\u2029b"), (3, "a\x85b"), (5, "y")]
+    assert [str(e) for e in prompts.rejected] == [f"{path}:4: -: not valid UTF-8 (byte 0xe9 at column 18)"]
+
+
+@pytest.mark.parametrize("answer", ["", "  ", [], ["", " "]])
+def test_empty_answer_is_a_row_error_as_in_stage_2(tmp_path, answer):
+    """Stage 2 counts such lines as malformed (no response can be correct), so Stage 1 does not sample them."""
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"question": "q1", "answer": answer}, {"question": "q2", "answer": 0},
+                       {"question": "q3", "answer": ["", "red"]}])
+    prompts = read_prompts(path, required=("question", "answer"), prepare=_prepare)
+    assert [it.line for it in prompts.items] == [2, 3]
+    assert [str(e) for e in prompts.rejected] == [
+        f"{path}:1: answer: is empty (\"\", blank or []): no response can match it"]

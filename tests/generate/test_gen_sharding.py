@@ -217,3 +217,74 @@ def test_undecodable_image_is_reported_once_and_not_retried(tmp_path, prompt_fil
     fake = FakeSampler()
     run_correctness(cfg, fake, env={})
     assert fake.calls == []
+
+
+def test_output_without_a_sample_is_not_started(tmp_path, prompt_file):
+    """Settings are written once the model is built, and bind only an output that holds a sample: a run that
+    failed before its first sample (here: the model did not load) does not lock the folder to its settings.
+    (The settings were written first, so a rerun with the right flags hit a ResumeError for nothing.)"""
+    cfg = _cfg(tmp_path, prompt_file, top_k=5)
+    layout = OutputLayout(correctness_output_path(cfg))
+
+    def broken():
+        raise RuntimeError("the model did not load")
+
+    cfg.sampler_factory = lambda prompts: broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        run_correctness(cfg, env={})
+    assert not layout.settings.exists() and layout.part_files() == []
+    layout.parts_dir.mkdir(parents=True)
+    layout.settings.write_text(json.dumps({"backend": "hf", "top_k": 5}))  # as an older version left it
+    layout.part(0, 1).write_bytes(b'{"item_id": "abc", "sampl')  # a torn line is no sample either
+    result = run_correctness(_cfg(tmp_path, prompt_file, top_k=7), FakeSampler(), env={})
+    assert result.generated == 15
+    assert json.loads(layout.settings.read_text())["top_k"] == 7
+    with pytest.raises(ResumeError, match="top_k: this output was started with 7, now 5"):
+        run_correctness(_cfg(tmp_path, prompt_file, top_k=5), FakeSampler(), env={})
+
+
+def test_merge_takes_the_current_prompt_row_and_the_stored_samples(tmp_path, prompt_file):
+    """A corrected answer (or meta) keeps its item id, so its samples are not regenerated; the merged output
+    must carry the correction. (The stored record was merged as it was: the old answer stayed.)"""
+    cfg = _cfg(tmp_path, prompt_file)
+    first = _lines(run_correctness(cfg, FakeSampler(), env={}).output)
+    rows = [json.loads(line) for line in prompt_file.read_text().splitlines()]
+    rows[0]["answer"], rows[0]["meta"] = "lime", {"fixed": True}
+    rows[1]["answer"] = "one"
+    write_jsonl(prompt_file, rows)
+    fake = FakeSampler()
+    result = run_correctness(cfg, fake, env={})
+    assert result.generated == 0 and fake.calls == []
+    merged = _lines(result.output)
+    assert [r["answer"] for r in merged] == ["lime"] * 3 + ["one"] * 3 + [r["answer"] for r in first[6:]]
+    assert [r["meta"] for r in merged[:3]] == [{"fixed": True}] * 3
+    keep = ("response", "seed", "sample_idx", "item_id", "question", "question_orig", "finish_reason")
+    assert [{k: r[k] for k in keep} for r in merged] == [{k: r[k] for k in keep} for r in first]
+    assert list(merged[3]) == ["question", "answer", "question_orig", "response", "prompt_version", "item_id",
+                               "sample_idx", "seed", "finish_reason", "num_tokens"]
+
+
+def test_another_prompt_file_with_the_same_name_is_refused(tmp_path, prompt_file):
+    """Outputs are named by the prompt file's basename: a second ``arith.jsonl`` from another folder would
+    silently replace the first one's merged output. The resolved prompt path is part of the settings."""
+    run_correctness(_cfg(tmp_path, prompt_file), FakeSampler(), env={})
+    other = tmp_path / "other" / "arith.jsonl"
+    write_jsonl(other, [{"question": "What is 9 plus 1?", "answer": "10"}])
+    cfg = _cfg(tmp_path, other)
+    settings = OutputLayout(correctness_output_path(cfg)).settings
+    with pytest.raises(ResumeError) as err:
+        run_correctness(cfg, FakeSampler(), env={})
+    assert str(err.value) == (
+        f"{settings}: prompt_path: this output was started with {str(prompt_file.resolve())!r}, now "
+        f"{str(other.resolve())!r}; another prompt file with the same name already fills this output; rename "
+        "one of them or use another --out-dir")
+    assert len(_lines(correctness_output_path(cfg))) == 15  # the first file's output is untouched
+
+
+def test_tp_without_vllm_is_refused_before_anything_is_written(tmp_path, prompt_file):
+    cfg = _cfg(tmp_path, prompt_file, tp=8)
+    with pytest.raises(ValueError) as err:
+        run_correctness(cfg, env={})
+    assert str(err.value) == ("--tp 8: tensor parallelism needs --backend vllm (hf runs one model per process; "
+                              "start one process per GPU instead)")
+    assert not (tmp_path / "out").exists()

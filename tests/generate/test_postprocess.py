@@ -308,3 +308,60 @@ def test_config_errors_name_the_flag(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         PostprocessConfig(data_dir=tmp_path, save_dir=tmp_path, gt_responses=tmp_path / "gt.jsonl")
     assert str(err.value) == f"--gt-responses: no such file: {tmp_path / 'gt.jsonl'}"
+
+
+def test_lone_surrogate_line_is_malformed_not_fatal(tmp_path: Path) -> None:
+    """``"\\ud83d"`` is valid JSON but cannot be encoded: hashing the response raised UnicodeEncodeError and
+    ended the dataset. It is a counted malformed line, in the data and in ``--gt-responses``; a valid escaped
+    pair (``\\ud83d\\ude00``) is fine."""
+    good = json.dumps(rec("How many?", "3", box("3 \U0001f600")))  # ensure_ascii: written as a valid pair
+    lone = json.dumps(rec("How many?", "3", box("4"))).replace("Step 1", "Nice \\ud83d Step 1")
+    meta = json.dumps(rec("How many?", "3", box("5"), meta="\\udc00")).replace("\\\\udc00", "\\udc00")
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "ds.jsonl"
+    path.write_text("\n".join([good, lone, meta]) + "\n", encoding="utf-8")
+    reference = tmp_path / "gt.jsonl"
+    reference.write_text(lone + "\n" + json.dumps(rec("How many?", "3", box("3"))) + "\n", encoding="utf-8")
+    logs: list[str] = []
+    [stats] = run(tmp_path, logs=logs, gt_responses=reference, force=True)
+    assert (stats.lines, stats.malformed, stats.positives, stats.negatives) == (3, 2, 1, 0)
+    message = "is not valid Unicode: a \\ud800-\\udfff escape without its other half (lone surrogate)"
+    assert logs[:2] == [f"malformed: {path}:2: response: {message}", f"malformed: {path}:3: meta: {message}"]
+    paths = output_paths(tmp_path / "out", "ds")
+    assert sorted(p["response"] for p in read_jsonl(paths["pos_items"])) == sorted([box("3"), box("3 \U0001f600")])
+
+
+def test_empty_answers_are_malformed_by_the_stage_1_rule(tmp_path: Path) -> None:
+    """One emptiness rule for both stages (``is_empty_answer``): blank strings and lists of blanks can never be
+    matched either, so they are malformed like ``""`` and ``[]`` (Stage 1 refuses such prompt rows)."""
+    records = [rec("q", answer, box("3")) for answer in ("", "  ", [], ["", " "])] + [rec("q", ["", "3"], box("3"))]
+    write_stage1(tmp_path / "data", "ds", records, bad=False)
+    logs: list[str] = []
+    [stats] = run(tmp_path, logs=logs)
+    assert (stats.lines, stats.malformed, stats.positives) == (5, 4, 1)
+    path = tmp_path / "data" / "ds.jsonl"
+    assert logs[:4] == [f"malformed: {path}:{i}: answer: missing or empty" for i in range(1, 5)]
+
+
+def test_same_dataset_name_from_another_input_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    """``max_tiles_6/geoqa.jsonl`` then ``max_tiles_12/geoqa.jsonl`` into one ``--save-dir``: the second run
+    silently replaced the first one's pairs. It is refused before anything is written; ``--overwrite`` replaces."""
+    first = write_stage1(tmp_path / "tiles6")
+    second = write_stage1(tmp_path / "tiles12", records=RECORDS[:3], bad=False)
+    save = tmp_path / "pairs"
+    run_postprocess(PostprocessConfig(data_dir=first.parent, save_dir=save, workers=1), log=lambda _: None)
+    paths = output_paths(save, "geoqa")
+    before = {k: p.read_bytes() for k, p in paths.items()}
+    result = CliRunner().invoke(app, ["correctness", "--data-dir", str(second.parent), "--save-dir", str(save),
+                                      "--workers", "1"])
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: {save / 'manifest.json'}: 'geoqa' was built from {first.resolve()}, not {second.resolve()}: "
+        "inputs with one name would overwrite each other's pairs; use another --save-dir, rename the file, or "
+        "pass --overwrite to replace them\n")
+    assert {k: p.read_bytes() for k, p in paths.items()} == before
+    [stats] = run_postprocess(PostprocessConfig(data_dir=second.parent, save_dir=save, workers=1, overwrite=True),
+                              log=lambda _: None)
+    assert not stats.skipped and stats.lines == 3
+    manifest = json.loads((save / "manifest.json").read_text())
+    assert manifest["datasets"]["geoqa"]["source"]["path"] == str(second.resolve())

@@ -6,6 +6,7 @@ Flag names and defaults follow the seed (InternVL ``mmpr_data_pipeline_*.py``); 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -53,8 +54,7 @@ def correctness(
     flags = dict(locals())  # first statement: exactly the parameters
     from mpo.generate.correctness import CorrectnessConfig, run_correctness
 
-    result = run_correctness(_config(CorrectnessConfig, flags))
-    _report(result)
+    _report(_run(run_correctness, _config(CorrectnessConfig, flags)))
 
 
 @app.command("dropout-ntp")
@@ -74,8 +74,7 @@ def dropout_ntp(
     flags = dict(locals())  # first statement: exactly the parameters
     from mpo.generate.dropout_ntp import DropoutNTPConfig, run_dropout_ntp
 
-    result = run_dropout_ntp(_config(DropoutNTPConfig, flags))
-    _report(result)
+    _report(_run(run_dropout_ntp, _config(DropoutNTPConfig, flags)))
 
 
 def _config(cls: type, values: dict[str, Any]) -> Any:
@@ -86,10 +85,25 @@ def _config(cls: type, values: dict[str, Any]) -> Any:
     try:
         cfg = build(cls, values)
         cfg.check_paths()
+        cfg.check_backend()
+        cfg.check_checkpoint()
     except (ConfigError, ValueError) as err:
         key, sep, rest = str(err).partition(": ")
         raise typer.BadParameter(f"--{key.replace('_', '-')}: {rest}" if sep and key in values else str(err)) from None
     return cfg
+
+
+def _run(run: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run one generator; an output that cannot be resumed, a damaged part file or a model that does not load
+    is one line on stderr and exit code 2 (the message names the file and what to do), not a traceback."""
+    from mpo.generate.sharding import PartFileError, ResumeError
+    from mpo.models import ModelLoadError
+
+    try:
+        return run(cfg)
+    except (ResumeError, PartFileError, ModelLoadError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _report(result: Any) -> None:

@@ -32,7 +32,11 @@ def correctness(
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds allowed per math-verify comparison."),
 ) -> None:
     """Judge sampled responses and build chosen/rejected pairs (InternVL MMPR layout)."""
-    from mpo.generate.postprocess import PostprocessConfig, run_postprocess  # lazy: keeps `mpo --help` fast
+    from mpo.generate.postprocess import (  # lazy: keeps `mpo --help` fast
+        ManifestConflict,
+        PostprocessConfig,
+        run_postprocess,
+    )
 
     try:
         cfg = PostprocessConfig(data_dir=data_dir, save_dir=save_dir, answer_fix=answer_fix, force=force,
@@ -41,4 +45,8 @@ def correctness(
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
-    run_postprocess(cfg, log=typer.echo)
+    try:
+        run_postprocess(cfg, log=typer.echo)
+    except ManifestConflict as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from mpo.data.errors import RowError
 
-__all__ = ["IMAGE_PLACEHOLDER", "PreferenceRecord", "parse_row", "tile_budget", "normalise_question", "decode_json_row"]
+__all__ = ["IMAGE_PLACEHOLDER", "PreferenceRecord", "parse_row", "tile_budget", "normalise_question", "decode_json_row",
+           "is_encodable"]
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROW_KEYS = ("image", "question", "chosen", "rejected", "system_prompt")
@@ -165,12 +166,13 @@ def _require_unicode(obj: dict, dataset: str, line: int) -> None:
         try:
             json.dumps([key, value], ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            name = key if _encodable(key) else None
+            name = key if is_encodable(key) else None
             raise RowError(dataset, line, name, "is not valid Unicode: a \\ud800-\\udfff escape without its "
                                                 "other half (lone surrogate)") from None
 
 
-def _encodable(text: str) -> bool:
+def is_encodable(text: str) -> bool:
+    """``text`` encodes as UTF-8 (no lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -11,6 +11,7 @@ from mpo.generate.answers import (
     clean_answer,
     extract_answer,
     fix_answer,
+    is_empty_answer,
     mode_for_dataset,
     normalize_answer,
     option_letter,
@@ -29,6 +30,7 @@ from mpo.generate.items import (
 )
 from mpo.generate.postprocess import (
     DatasetStats,
+    ManifestConflict,
     PostprocessConfig,
     judge_record,
     output_paths,
@@ -79,12 +81,14 @@ from mpo.generate.sharding import (
 __all__ = [
     "DatasetStats",
     "ExtractResult",
+    "ManifestConflict",
     "PostprocessConfig",
     "anls_score",
     "check_answer",
     "clean_answer",
     "extract_answer",
     "fix_answer",
+    "is_empty_answer",
     "judge_record",
     "mode_for_dataset",
     "normalize_answer",

@@ -7,7 +7,8 @@ its answers depend only on the inputs). Two steps:
    for. A response without a well-formed answer is a *format failure* with a reason, never "the whole text
    is the answer" (the InternVL seed's behaviour, which let substring-happy scorers accept garbage).
 2. ``check_answer(pred, gt, mode)`` decides correctness with cheap, exact rules first (option letters,
-   yes/no, normalised strings, numbers) and calls math-verify only when both sides look mathematical.
+   yes/no, normalised strings, numbers with their units: ``mpo.generate.numbers``) and calls math-verify
+   only when the prediction looks mathematical (a unit tail cut off) and so does gt, or gt is a number.
    math-verify runs in a child process that is killed when it overruns ``timeout``: sympy can spend
    minutes in C code on strings such as ``10^{10^{10}}``, where a signal-based alarm never fires. That
    process guard lives in ``mpo.generate.mathcheck``.
@@ -23,9 +24,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from mpo.generate.mathcheck import _MATH  # math-verify in a killable child process
+from mpo.generate.numbers import Number, canonical_unit, parse_number, prepare_units, split_unit
 
 __all__ = [
     "ANLS_THRESHOLD",
@@ -38,6 +40,7 @@ __all__ = [
     "clean_answer",
     "extract_answer",
     "fix_answer",
+    "is_empty_answer",
     "mode_for_dataset",
     "normalize_answer",
     "option_letter",
@@ -238,49 +241,17 @@ def option_letter(pred: str) -> str | None:
     return None
 
 
-class _Number(NamedTuple):
-    value: int | float
-    is_int: bool
-    unit: str = ""
-
-
-_NUM = re.compile(r"([-+]?)(\d{1,40}(?:,\d{3}){0,10}(?:\.\d{0,40})?|\.\d{1,40})(?:[eE]([-+]?\d{1,3}))?")
-_UNIT = re.compile(r"\s*(?:%|[a-zA-Zµ]{1,12}(?:\^?\{?[23]\}?)?)?")
-_FRAC = re.compile(r"([-+]?)(?:\\[dt]?frac\{(\d{1,20})\}\{(\d{1,20})\}|(\d{1,20})\s*/\s*(\d{1,20}))")
-_DEGREE = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 
 
-def _parse_number(text: str) -> _Number | None:
-    """A plain number with at most one unit word (``12``, ``-3.5``, ``1,000``, ``45°``, ``3 cm``,
-    ``10%``, ``$12``, ``1/2``, ``\\frac{1}{2}``); ``None`` for anything else (``3 or 13``)."""
-    s = clean_answer(text).replace("−", "-").replace("\\%", "%").replace("\\$", "$").replace("{,}", ",")
-    s = _DEGREE.sub("", _WRAPPER.sub(r" \1", s.replace("\\,", "").replace("\\!", ""))).strip()
-    s = s[1:].lstrip() if s.startswith("$") else s
-    m = _FRAC.match(s)
-    if m and _UNIT.fullmatch(s, m.end()):
-        num, den = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), int(m.group(5)))
-        if den == 0:
-            return None
-        return _Number((-num if m.group(1) == "-" else num) / den, False, _unit(s[m.end():]))
-    m = _NUM.match(s)
-    if not m or not _UNIT.fullmatch(s, m.end()):
-        return None
-    digits, unit = m.group(2).replace(",", ""), _unit(s[m.end():])
-    if "." not in digits and m.group(3) is None:
-        return _Number(int(m.group(1) + digits), True, unit)
-    value = float(m.group(1) + digits + (f"e{m.group(3)}" if m.group(3) else ""))
-    return _Number(value, False, unit) if value == value and abs(value) != float("inf") else None
+def _parse_number(text: str) -> Number | None:
+    """A number with an optional unit tail (``12``, ``-3.5``, ``1,000``, ``45°``, ``3 cm``, ``10%``, ``$12``,
+    ``1/2``, ``\\frac{1}{2}``, ``12 \\text{square units}``, ``12 km/h``, ``12 thousand``); ``None`` for
+    anything else (``3 or 13``). The unit rules live in ``mpo.generate.numbers``."""
+    return parse_number(clean_answer(text))
 
 
-def _unit(text: str) -> str:
-    """Comparable unit: ``"cm"`` for ``" cm"``, ``"apple"`` for ``"apples"``; ``""`` for none or ``%``
-    (``10%`` and ``10`` are the same ChartQA answer)."""
-    unit = text.strip().casefold().rstrip("s")
-    return "" if unit == "%" else unit
-
-
-def _numbers_match(pred: _Number, gt: _Number, gt_text: str, mode: str) -> bool:
+def _numbers_match(pred: Number, gt: Number, gt_text: str, mode: str) -> bool:
     if pred.unit and gt.unit and pred.unit != gt.unit:  # 12 cm is not 12 m; a unit on one side is ignored
         return False
     if mode == "relaxed":
@@ -360,10 +331,13 @@ def check_answer(pred: str | None, gt: Any, mode: str = "auto", *, timeout: floa
     1. gt is an option letter A-N: the prediction must name the same letter (and nothing else decides);
     2. gt is yes/no: the prediction must start with the same word and not contain the other;
     3. equal ``normalize_answer`` forms;
-    4. gt is a number: a plain-number prediction is compared numerically (integers exactly, otherwise
-       ``REL_TOL``; 5 % in ``relaxed`` mode, years exactly);
+    4. gt is a number: a prediction that is a number with an optional unit tail (``12 cm²``, ``12 km/h``,
+       ``12 \\text{square units}``; ``mpo.generate.numbers``) is compared numerically (integers exactly,
+       otherwise ``REL_TOL``; 5 % in ``relaxed`` mode, years exactly); units differ only when both sides
+       name one and the normalised names differ (``12 cm`` = ``12 centimeters``, ``12 cm`` != ``12 m``);
     5. ``anls`` mode: ANLS score >= ``ANLS_THRESHOLD`` (non-numeric gt only);
-    6. both sides look mathematical: math-verify, given at most ``timeout`` seconds (else False).
+    6. both sides look mathematical once a unit tail is cut off, or gt is a number and the prediction a
+       formula the cheap rules could not read: math-verify, given at most ``timeout`` seconds (else False).
 
     A correct answer inside a longer wrong one (``13`` for ``3``, ``3 or 13``) fails every rule.
     """
@@ -397,9 +371,40 @@ def _check_cached(pred: str, gt: str, mode: str, timeout: float) -> bool:
             return _numbers_match(pred_num, gt_num, gt, mode)
     elif mode == "anls":
         return anls_score(pred, gt) >= ANLS_THRESHOLD
-    if _looks_mathematical(pred) and (gt_num is not None or _looks_mathematical(gt)):
-        return _MATH.equal(pred, gt, timeout)
-    return False
+    # math-verify decides what the cheap rules could not read: formulas on both sides, or a numeric gt and a
+    # formula (``x = 12 cm``, ``\\sqrt{144}``); prose is never sent (it reads "3 or 13" as a set or worse)
+    pred_math = _math_part(pred)
+    if pred_math is None:
+        return False
+    gt_math = _math_part(gt) or ((gt, "") if gt_num is not None else None)
+    if gt_math is None:
+        return False
+    if pred_math[1] and gt_math[1] and pred_math[1] != gt_math[1]:  # 2\sqrt{3} cm is not 2\sqrt{3} m
+        return False
+    return _MATH.equal(pred_math[0], gt_math[0], timeout)
+
+
+def _math_part(text: str) -> tuple[str, str] | None:
+    """``(formula, canonical unit)`` of an answer that looks mathematical once a unit tail is cut off
+    (``\\frac{24}{2}\\text{ cm}^2`` -> ``("\\frac{24}{2}", "cm^2")``; ``x = 2`` -> ``("x = 2", "")``), or
+    ``None`` for prose. The tail goes because math-verify reads ``12 centimeters`` as a product of letters."""
+    if len(text) > MAX_MATH_CHARS:
+        return None
+    head, tail = split_unit(prepare_units(text))
+    unit = canonical_unit(tail) if tail else None
+    if unit is not None and unit[0] == 1 and _looks_mathematical(head):
+        return head, unit[1]
+    return (text, "") if _looks_mathematical(text) else None
+
+
+def is_empty_answer(answer: Any) -> bool:
+    """Whether a ground truth can never be matched: ``None``, ``""``, a blank string, ``[]`` or a list of such.
+
+    ``check_answer`` is False for every prediction against it, so Stage 1 (``mpo.generate.items``) refuses the
+    prompt row and Stage 2 (``mpo.generate.scan``) counts the line as malformed: one rule for both stages.
+    """
+    items = answer if isinstance(answer, list) else [answer]  # one level, as Stage 2 reads a list of answers
+    return all(a is None or (isinstance(a, str) and not a.strip()) for a in items)
 
 
 def fix_answer(response: str, result: ExtractResult, gt: Any, version: str) -> str | None:

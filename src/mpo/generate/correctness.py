@@ -27,7 +27,11 @@ from mpo.generate.prompts import PROMPT_VERSIONS, place_image_markers, to_conten
 from mpo.generate.samplers import Sample, Sampler, SampleRequest
 from mpo.generate.sharding import GenerateConfig, GenerationJob, OutputLayout, RunResult, run_job
 
-__all__ = ["CorrectnessConfig", "correctness_output_path", "run_correctness"]
+__all__ = ["GENERATED_FIELDS", "CorrectnessConfig", "correctness_output_path", "run_correctness"]
+
+GENERATED_FIELDS = ("question_orig", "question", "response", "prompt_version", "item_id", "sample_idx", "seed",
+                    "finish_reason", "num_tokens")
+"""What a record adds to its prompt row (``make_line``); the merge takes the rest from the current row."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ def run_correctness(cfg: CorrectnessConfig, sampler: Sampler | None = None, *, e
     ``sampler``: an already built backend (tests, benchmarks); by default it is built from ``cfg`` when needed.
     """
     cfg.check_paths()
+    if sampler is None:  # the sampler will be built from cfg: refuse flags it cannot be built from, now
+        cfg.check_backend()
     version = cfg.prompt_version
     prompts = read_prompts(cfg.prompt_path, required=("question", "answer"),
                            prepare=lambda row, n_images: place_image_markers(wrap_question(row["question"], version),
@@ -73,7 +79,8 @@ def run_correctness(cfg: CorrectnessConfig, sampler: Sampler | None = None, *, e
         name="correctness", prompts=prompts, n=cfg.num_return_sequences,
         layout=OutputLayout(correctness_output_path(cfg)), params=cfg.sampling_params(), seed=cfg.seed,
         settings={"generator": "correctness", "prompt_version": version, **cfg.settings()},
-        make_request=make_request, make_line=make_line, load_images=lambda item: load_item_images(prompts, item))
+        make_request=make_request, make_line=make_line, load_images=lambda item: load_item_images(prompts, item),
+        generated_fields=GENERATED_FIELDS)
     factory = (lambda: sampler) if sampler is not None else cfg.sampler_factory(prompts)
     return run_job(job, factory, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress,
                    env=env)

@@ -38,7 +38,10 @@ from mpo.generate.prompts import drop_image_markers
 from mpo.generate.samplers import Sample, Sampler, SampleRequest
 from mpo.generate.sharding import MARKER, GenerateConfig, GenerationJob, OutputLayout, RunResult, run_job
 
-__all__ = ["DropoutNTPConfig", "dropout_output_path", "run_dropout_ntp", "truncate_chosen"]
+__all__ = ["GENERATED_FIELDS", "DropoutNTPConfig", "dropout_output_path", "run_dropout_ntp", "truncate_chosen"]
+
+GENERATED_FIELDS = ("rejected", "item_id", "sample_idx", "seed", "finish_reason", "num_tokens")
+"""What a record adds to its prompt row (``make_line``); the merge takes the rest from the current row."""
 
 _CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f"
 _UNIT = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
@@ -84,6 +87,8 @@ def run_dropout_ntp(cfg: DropoutNTPConfig, sampler: Sampler | None = None, *, en
                     ) -> RunResult:
     """Continue this rank's truncated answers without their images and merge when complete."""
     cfg.check_paths()
+    if sampler is None:  # the sampler will be built from cfg: refuse flags it cannot be built from, now
+        cfg.check_backend()
     ratio = cfg.start_ratio
     prompts = read_prompts(cfg.prompt_path, required=("question", "chosen"), prepare=_text_only_question,
                            id_fields=("question", "chosen"), image_root=cfg.image_root,
@@ -108,7 +113,8 @@ def run_dropout_ntp(cfg: DropoutNTPConfig, sampler: Sampler | None = None, *, en
         name="dropout-ntp", prompts=prompts, n=cfg.num_return_sequences, layout=OutputLayout(dropout_output_path(cfg)),
         params=cfg.sampling_params(), seed=cfg.seed,
         settings={"generator": "dropout-ntp", "start_ratio": ratio, **cfg.settings()},
-        make_request=make_request, make_line=make_line, load_images=lambda item: [])
+        make_request=make_request, make_line=make_line, load_images=lambda item: [],
+        generated_fields=GENERATED_FIELDS)
     factory = (lambda: sampler) if sampler is not None else cfg.sampler_factory(prompts)
     return run_job(job, factory, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress,
                    env=env)

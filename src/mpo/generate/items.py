@@ -1,14 +1,23 @@
 """Prompt items: reading and validating a prompt JSONL, stable item ids, per-sample seeds, output paths.
 
-A prompt file holds one JSON object per line (blank lines are skipped). Each generator names the fields it needs
-(``question`` + ``answer`` for correctness, ``question`` + ``chosen`` for DropoutNTP); ``image`` is optional:
-absent/null/""/[] for a text-only prompt, a path, or a list of paths. Every field of the row is copied to the
-output. A row that cannot be used (not JSON, a missing or empty field, a missing image file, an ``<image>`` count
-that does not fit) becomes a ``RowError`` naming ``FILE:LINE: FIELD``; it is reported and skipped, never fatal.
+A prompt file holds one JSON object per line (blank lines are skipped). Lines end at ``\n`` only: JSON may hold
+U+2028, U+2029 or U+0085 unescaped inside a string (``json.dumps(..., ensure_ascii=False)`` writes them so), and
+``str.splitlines`` would cut such a row in two. Each line is decoded on its own, so one line that is not UTF-8 is
+that row's error, not the end of the run; a UTF-8 byte-order mark at the start of the file is skipped.
 
-Item id: ``sha1`` of the JSON of (sorted image paths, question[, chosen]), so it does not depend on line numbers,
-the order of the file or the world size. Two rows with the same id are one item: the later row is reported as a
-duplicate. Per-sample seed: the first 63 bits of ``sha256("{seed}:{item_id}:{sample_idx}")``.
+Each generator names the fields it needs (``question`` + ``answer`` for correctness, ``question`` + ``chosen`` for
+DropoutNTP); ``image`` is optional: absent/null/""/[] for a text-only prompt, a path, or a list of paths. Every
+field of the row is copied to the output. A row that cannot be used (not UTF-8 or not JSON, a missing or empty
+field, a missing image file, an ``<image>`` count that does not fit) becomes a ``RowError`` naming
+``FILE:LINE: FIELD``; it is reported and skipped, never fatal. An ``answer`` is empty, as Stage 2 judges it
+(``mpo.generate.answers.is_empty_answer``), when it is ``""``, blank, ``[]`` or a list of blanks: no response
+could ever be judged correct against it, so sampling it would only spend GPU time.
+
+Item id: ``sha1`` of the JSON of (image paths in file order, question[, chosen]), so it does not depend on line
+numbers, the order of the file or the world size. The images stay in file order because questions refer to them
+by position ("Image-1", "Image-2"): the same images in another order are another question. Two rows with the same
+id are one item: the later row is reported as a duplicate. Per-sample seed: the first 63 bits of
+``sha256("{seed}:{item_id}:{sample_idx}")``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from PIL import Image
 from mpo.data.errors import ImageError, RowError
 from mpo.data.images import load_image, resolve_image_path
 from mpo.data.records import decode_json_row
+from mpo.generate.answers import is_empty_answer
 
 __all__ = [
     "PromptFile",
@@ -36,6 +46,8 @@ __all__ = [
     "sample_seed",
     "subsample_lines",
 ]
+
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some Windows editors write at the start of a file
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,8 @@ class PromptFile:
 
 
 def item_id(images: Sequence[str], question: str, chosen: str | None = None) -> str:
-    """Stable id of a prompt: sha1 of (sorted image paths, question[, chosen])."""
-    key: list[Any] = [sorted(images), question]
+    """Stable id of a prompt: sha1 of (image paths in file order, question[, chosen]); see the module docstring."""
+    key: list[Any] = [list(images), question]
     if chosen is not None:
         key.append(chosen)
     return hashlib.sha1(json.dumps(key, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -103,8 +115,8 @@ def read_prompts(path: str | Path, *, required: Sequence[str], prepare: Callable
     """Read, subsample and validate a prompt file.
 
     Args:
-        required: fields every row must have (``question`` must be a non-empty string; ``chosen`` too; any other
-            field, e.g. ``answer``, must be present and not null).
+        required: fields every row must have (``question`` must be a non-empty string; ``chosen`` too; ``answer``
+            must not be empty (``is_empty_answer``); any other field must be present and not null).
         prepare: ``prepare(row, n_images) -> prompt text``; raises ``ValueError`` for a row it cannot use (its
             message becomes the ``question`` error).
         id_fields: ``("question",)`` or ``("question", "chosen")``: what the item id hashes besides the images.
@@ -112,7 +124,9 @@ def read_prompts(path: str | Path, *, required: Sequence[str], prepare: Callable
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    raw = [(k + 1, text) for k, text in enumerate(path.read_text(encoding="utf-8").splitlines()) if text.strip()]
+    data = path.read_bytes()
+    data = data[len(_BOM):] if data.startswith(_BOM) else data
+    raw = [(k + 1, text) for k, text in enumerate(data.split(b"\n")) if text.strip()]
     raw = [raw[k] for k in subsample_lines(len(raw), sample_max_num)]
     items: list[PromptItem] = []
     rejected: list[RowError] = []
@@ -139,12 +153,14 @@ def load_item_images(prompts: PromptFile, item: PromptItem) -> list[Image.Image]
             for k, rel in enumerate(item.images)]
 
 
-def _parse(text: str, line: int, dataset: str, required: Sequence[str], prepare: Callable[[dict[str, Any], int], str],
+def _parse(text: bytes, line: int, dataset: str, required: Sequence[str], prepare: Callable[[dict[str, Any], int], str],
            id_fields: Sequence[str], root: Path, allow_outside_root: bool) -> PromptItem:
-    row = decode_json_row(text, dataset, line)  # the data layer's hardened decoder: deep, huge, surrogates
+    row = decode_json_row(text, dataset, line)  # the data layer's hardened decoder: UTF-8, deep, huge, surrogates
     for key in required:
         if row.get(key) is None:
             raise RowError(dataset, line, key, "is missing")
+        if key == "answer" and is_empty_answer(row[key]):
+            raise RowError(dataset, line, key, "is empty (\"\", blank or []): no response can match it")
         if key in ("question", "chosen") and (not isinstance(row[key], str) or not row[key].strip()):
             raise RowError(dataset, line, key, "must be a non-empty string")
     images = _images(row.get("image"), dataset, line)

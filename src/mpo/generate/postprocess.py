@@ -62,11 +62,15 @@ from mpo.generate.scan import (
 
 # Entry, Judgement, judge_record, select_pairs (and POS/NEG/FMT, Key, MAX_LOGGED_ERRORS) moved to scan.py
 # and pairs.py; they are re-exported here, so imports from this module keep working.
-__all__ = ["DatasetStats", "Entry", "Judgement", "PostprocessConfig", "judge_record", "output_paths",
-           "run_postprocess", "select_pairs"]
+__all__ = ["DatasetStats", "Entry", "Judgement", "ManifestConflict", "PostprocessConfig", "judge_record",
+           "output_paths", "run_postprocess", "select_pairs"]
 
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2
 """Bump when judging changes, so that ``manifest.json`` entries of older runs are recomputed."""
+
+
+class ManifestConflict(ValueError):
+    """A dataset name of ``--data-dir`` is already in ``--save-dir`` built from another input file."""
 
 
 @dataclass(frozen=True)
@@ -314,11 +318,28 @@ def _read_manifest(path: Path, log: Callable[[str], None]) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
+def _check_sources(files: list[Path], datasets: dict, manifest_path: Path) -> None:
+    """Refuse, before anything is written, a dataset whose name the manifest lists from another input file:
+    outputs are named by the file's stem, so ``max_tiles_6/geoqa.jsonl`` and ``max_tiles_12/geoqa.jsonl`` in
+    one ``--save-dir`` would silently replace each other's pairs. ``--overwrite`` replaces on purpose."""
+    clashes = []
+    for path in files:
+        old = (datasets.get(path.stem) or {}).get("source") or {}
+        new = str(path.resolve())
+        if old.get("path") not in (None, new):
+            clashes.append(f"{path.stem!r} was built from {old['path']}, not {new}")
+    if clashes:
+        raise ManifestConflict(f"{manifest_path}: " + "; ".join(clashes) + ": inputs with one name would "
+                               "overwrite each other's pairs; use another --save-dir, rename the file, or pass "
+                               "--overwrite to replace them")
+
+
 def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) -> list[DatasetStats]:
     """Process every ``*.jsonl`` of ``cfg.data_dir`` (sorted by name); returns one stats row per file.
 
     A file whose manifest entry matches its size, mtime and the settings, and whose outputs exist, is
-    skipped unless ``overwrite``; a dataset with zero pairs is recorded like any other (empty files).
+    skipped unless ``overwrite``; a dataset with zero pairs is recorded like any other (empty files). A
+    dataset the manifest lists from another input path raises ``ManifestConflict`` unless ``overwrite``.
     """
     if cfg.force and cfg.gt_responses is None:
         log("warning: --force has no effect without --gt-responses (there are no reference responses to add)")
@@ -328,6 +349,8 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
     files = sorted(p for p in Path(cfg.data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
     if not files:
         log(f"warning: no *.jsonl files in {cfg.data_dir}")
+    if not cfg.overwrite:
+        _check_sources(files, datasets, manifest_path)
     results, gt_cache = [], {}
     for path in files:
         mode = mode_for_dataset(path.stem)

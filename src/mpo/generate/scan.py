@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mpo.data.errors import RowError
+from mpo.data.records import is_encodable
 from mpo.generate.answers import (
     PROMPT_VERSIONS,
     ExtractResult,
     check_answer,
     extract_answer,
     fix_answer,
+    is_empty_answer,
     normalize_answer,
 )
 
@@ -46,6 +49,7 @@ POS, NEG, FMT = 1, 0, 2
 MAX_LOGGED_ERRORS = 20
 _MIN_CHUNK_BYTES = 1 << 20  # smaller pool tasks cost more in start-up and pickling than they save
 _READ_BLOCK = 1 << 22  # pass 0 counts newlines block by block; ranges are cut at block ends
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only lines with such an escape need the check
 
 Key = tuple[str, str, str]
 """``(image as JSON text or "", question_orig, answer as text)``."""
@@ -123,7 +127,7 @@ def _key_of(record: Any) -> Key:
         raise _Malformed("-", f"expected a JSON object, got {type(record).__name__}")
     if not isinstance(record.get("response"), str):
         raise _Malformed("response", "missing" if "response" not in record else "not a string")
-    if record.get("answer") in (None, "", []):
+    if is_empty_answer(record.get("answer")):  # the rule Stage 1 applies to prompt rows
         raise _Malformed("answer", "missing or empty")
     version = record.get("prompt_version", "en")
     if version not in PROMPT_VERSIONS:
@@ -136,6 +140,15 @@ def _key_of(record: Any) -> Key:
     image_key = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False) if image else ""
     answer_key = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
     return image_key, question, answer_key
+
+
+def _require_unicode(record: Any) -> None:
+    """JSON may escape half a UTF-16 pair (``"\\ud83d"``): valid JSON, but a string that cannot be encoded, so
+    hashing the response or writing the record out would raise far from this line. Such a line is malformed."""
+    for name, value in record.items() if isinstance(record, dict) else ():
+        if not (is_encodable(name) and is_encodable(json.dumps(value, ensure_ascii=False))):
+            raise _Malformed(name if is_encodable(name) else "-", "is not valid Unicode: a \\ud800-\\udfff "
+                             "escape without its other half (lone surrogate)")
 
 
 def _digest(text: str) -> int:
@@ -194,6 +207,8 @@ def _scan_range(task: _Task) -> _Scan:
             out.lines += 1
             try:
                 record = json.loads(raw)
+                if _SURROGATE_ESCAPE.search(raw):
+                    _require_unicode(record)
                 key = _key_of(record)
                 verdict = judge_record(record, task.mode, answer_fix=task.answer_fix, timeout=task.timeout)
             except _Malformed as err:

@@ -23,20 +23,24 @@ Every rank, independently (no collective calls):
 Part lines are the final records, plus two kinds of markers that tell a restart not to redo work:
 ``{"_mpo": "dropped", "item_id", "sample_idx", "reason", ...}`` (a sample the generator threw away, e.g. a
 DropoutNTP continuation that reproduces the chosen answer) and ``{"_mpo": "item_error", "item_id", "error"}``
-(an image that exists but cannot be decoded). Markers never reach the merged output.
+(an image that exists but cannot be decoded). Markers never reach the merged output. A merged record is the
+item's prompt row as it is now plus the stored sample's ``GenerationJob.generated_fields``, so a corrected
+``answer`` reaches the output without resampling.
+
+Part files, their layout and the settings check live in ``mpo.generate.parts`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import json
 import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,9 +50,22 @@ from mpo.config import field as field_
 from mpo.data.errors import RowError
 from mpo.fsio import atomic_write_json, atomic_write_jsonl
 from mpo.generate.items import PromptFile, PromptItem, sample_seed
+from mpo.generate.parts import (
+    MARKER,
+    OutputLayout,
+    PartFileError,
+    PartState,
+    PartWriter,
+    ResumeError,
+    check_settings,
+    output_started,
+    record_settings,
+    scan_parts,
+)
 from mpo.generate.samplers import Sample, Sampler, SampleRequest, SamplingParams, build_sampler
 
 __all__ = [
+    "MARKER",
     "GenerateConfig",
     "GenerationJob",
     "local_device",
@@ -65,45 +82,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mpo.generate")
-MARKER = "_mpo"
-
-
-class PartFileError(ValueError):
-    """A part file is damaged in the middle (not just a torn last line); the message names file and line."""
-
-
-class ResumeError(ValueError):
-    """The output was started with other sampling settings; the message names the setting."""
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """Where the merged output, the part files and the reports of one prompt file go."""
-
-    final: Path
-
-    @property
-    def parts_dir(self) -> Path:
-        return self.final.parent / "parts"
-
-    def part(self, rank: int, world: int) -> Path:
-        return self.parts_dir / f"{self.final.name}.rank{rank}-of-{world}.jsonl"
-
-    def part_files(self) -> list[Path]:
-        """Every part file of this output, whatever world size wrote it, in a fixed (sorted) order."""
-        return sorted(self.parts_dir.glob(f"{glob.escape(self.final.name)}.rank*-of-*.jsonl"))
-
-    @property
-    def settings(self) -> Path:
-        return self.parts_dir / f"{self.final.name}.settings.json"
-
-    @property
-    def rejected_prompts(self) -> Path:
-        return self.final.parent / "reports" / f"{Path(self.final.name).stem}.rejected_prompts.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.final.parent / "reports" / f"{Path(self.final.name).stem}.summary.json"
 
 
 def rank_and_world(env: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -154,107 +132,6 @@ def shard_range(n_items: int, rank: int, world: int) -> range:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Part files
-
-
-@dataclass
-class PartState:
-    """What the part files of an output hold. ``samples`` maps (item_id, sample_idx) to (file, byte offset)."""
-
-    files: list[Path] = field(default_factory=list)
-    samples: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
-    dropped: dict[tuple[str, int], str] = field(default_factory=dict)
-    item_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    torn: int = 0
-    duplicates: int = 0
-
-    def has(self, item: str, idx: int) -> bool:
-        return (item, idx) in self.samples or (item, idx) in self.dropped
-
-    def missing(self, item: str, n: int) -> list[int]:
-        """Sample indices of ``item`` still to generate (none once the item has an image error)."""
-        if item in self.item_errors:
-            return []
-        return [i for i in range(n) if not self.has(item, i)]
-
-
-def scan_parts(layout: OutputLayout, repair: Path | None = None) -> PartState:
-    """Index every part file of ``layout``. ``repair``: this rank's own file, whose torn tail is cut off."""
-    state = PartState(files=layout.part_files())
-    for f, path in enumerate(state.files):
-        for offset, rec in _read_part(path, repair=(repair is not None and path == repair), state=state):
-            key = (rec.get("item_id"), rec.get("sample_idx"))
-            kind = rec.get(MARKER)
-            if kind == "item_error":
-                state.item_errors.setdefault(rec["item_id"], rec["error"])
-            elif state.has(*key):
-                state.duplicates += 1  # only possible if two runs wrote the same output at once
-            elif kind == "dropped":
-                state.dropped[key] = rec["reason"]
-            else:
-                state.samples[key] = (f, offset)
-    return state
-
-
-def _read_part(path: Path, *, repair: bool, state: PartState) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as fh:
-        offset = 0
-        for line_no, raw in enumerate(fh, start=1):
-            rec = _parse_line(raw)
-            if rec is None:
-                if fh.read(1):
-                    raise PartFileError(f"{path}:{line_no}: not a JSON object, and not the last line: the part "
-                                        "file was damaged by something other than a kill; move it away to "
-                                        "regenerate its samples")
-                state.torn += 1
-                if repair:  # cut the torn tail so that the next append starts on a fresh line
-                    with open(path, "r+b") as out:
-                        out.truncate(offset)
-                        os.fsync(out.fileno())
-                    log.warning("%s:%d: removed a torn last line (%d bytes) left by an interrupted run",
-                                path, line_no, len(raw))
-                return
-            yield offset, rec
-            offset += len(raw)
-
-
-def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    """The record of one whole line, or None for a line cut short (no newline) or not a JSON object."""
-    if not raw.endswith(b"\n"):
-        return None
-    try:
-        rec = json.loads(raw)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-class PartWriter:
-    """Appends whole JSON lines to one part file; ``append`` flushes and fsyncs, so a batch is on disk after it."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if text:
-            self._fh.write(text)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -289,9 +166,11 @@ class GenerateConfig:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
 
     def settings(self) -> dict[str, Any]:
-        """What a resumed output must share with the run that started it."""
+        """What a resumed output must share with the run that started it. ``prompt_path`` (resolved) is part of
+        it: two prompt files with one basename map to the same output file, and must not fill it together."""
         ckpt = Path(self.checkpoint)
-        return {"checkpoint": str(ckpt.resolve()) if ckpt.exists() else self.checkpoint, "backend": self.backend,
+        return {"prompt_path": str(Path(self.prompt_path).resolve()),
+                "checkpoint": str(ckpt.resolve()) if ckpt.exists() else self.checkpoint, "backend": self.backend,
                 "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed, "dynamic": self.dynamic,
                 "max_num": self.max_num}
@@ -326,6 +205,27 @@ class GenerateConfig:
         if not Path(self.prompt_path).is_file():
             raise ValueError(f"--prompt-path {self.prompt_path}: no such file")
 
+    def check_backend(self) -> None:
+        """Fail before anything is written when the sampler could never be built from these flags: the seed's
+        README command (``--tp 8`` on the default ``hf`` backend) used to fail only after the output folder
+        and its settings existed."""
+        if self.backend == "hf" and self.tp != 1:
+            raise ValueError(f"--tp {self.tp}: tensor parallelism needs --backend vllm (hf runs one model per "
+                             "process; start one process per GPU instead)")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("--backend vllm needs vLLM, which is not installed: pip install 'mpo[vllm]'")
+
+    def check_checkpoint(self) -> None:
+        """Fail early when ``--checkpoint`` is no model folder (nor a cached Hub model); raises ``ModelLoadError``.
+        Cheap: reads ``config.json`` and loads no weights. The CLI calls it; ``run_*`` do not, so that a rerun
+        that only merges works without the model."""
+        from mpo.models import ModelLoadError, read_model_config
+
+        try:
+            read_model_config(self.checkpoint)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"--checkpoint: {err}") from None
+
 
 
 @dataclass
@@ -334,7 +234,12 @@ class GenerationJob:
 
     ``make_request(item, images, seeds)`` builds the sampler request of an item's missing samples;
     ``make_line(item, sample_idx, seed, sample)`` turns one sample into a part line (a record, or a
-    ``{"_mpo": "dropped", ...}`` marker). ``settings``: what must not change when an output is resumed.
+    ``{"_mpo": "dropped", ...}`` marker): the prompt row's fields, then ``generated_fields``.
+    ``settings``: what must not change when an output is resumed.
+
+    ``generated_fields`` are what the merge keeps of a stored record; every other field comes from the prompt
+    row as it is *now*. The item id hashes only the images and the question, so a corrected ``answer`` or
+    ``meta`` keeps its samples, and the merged output carries the correction.
     """
 
     name: str
@@ -347,6 +252,7 @@ class GenerationJob:
     make_request: Callable[[PromptItem, list[Image.Image], tuple[int, ...]], SampleRequest]
     make_line: Callable[[PromptItem, int, int, Sample], dict[str, Any]]
     load_images: Callable[[PromptItem], list[Image.Image]]
+    generated_fields: tuple[str, ...]
 
 
 @dataclass
@@ -366,7 +272,7 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
     """Generate this rank's missing samples, then merge if the whole output is complete (module docstring)."""
     start = time.perf_counter()
     rank, world = rank_and_world(env)
-    _check_settings(job.layout, job.settings)
+    check_settings(job.layout, job.settings, started=output_started(job.layout))
     if rank == 0 and job.prompts.rejected:  # reported at once; the merge rewrites it with decode failures added
         for err in job.prompts.rejected:
             log.warning("skipped prompt row %s", err)
@@ -379,6 +285,7 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
     generated = 0
     if todo:
         sampler = make_sampler()
+        record_settings(job.layout, job.settings)  # the model loaded: the samples that follow are these settings'
         bar = _progress(job.name, rank, world, len(mine), len(mine) - len(todo), progress)
         with PartWriter(own) as writer:
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -454,20 +361,9 @@ def _progress(name: str, rank: int, world: int, total: int, initial: int, enable
                 disable=not enabled, dynamic_ncols=True)
 
 
-def _check_settings(layout: OutputLayout, settings: dict[str, Any]) -> None:
-    path = layout.settings
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        for key in sorted(set(old) | set(settings)):
-            if old.get(key) != settings.get(key):
-                raise ResumeError(f"{path}: {key}: this output was started with {old.get(key)!r}, now "
-                                  f"{settings.get(key)!r}; rerun with the same settings or use another --out-dir")
-        return
-    atomic_write_json(path, settings)
-
-
 def _merge(job: GenerationJob, state: PartState) -> dict[str, Any]:
-    """Write the merged output (prompt-file order, then sample index), the rejected prompts and the summary."""
+    """Write the merged output (prompt-file order, then sample index), the rejected prompts and the summary.
+    Each record is the item's current prompt row plus the stored sample's ``job.generated_fields``."""
     handles = [open(p, "rb") for p in state.files]
     finish: Counter[str] = Counter()
     wanted = {item.item_id for item in job.prompts.items}
@@ -482,9 +378,9 @@ def _merge(job: GenerationJob, state: PartState) -> dict[str, Any]:
                     continue
                 fh = handles[where[0]]
                 fh.seek(where[1])
-                rec = json.loads(fh.readline())
-                finish[str(rec.get("finish_reason"))] += 1
-                yield rec
+                stored = json.loads(fh.readline())
+                finish[str(stored.get("finish_reason"))] += 1
+                yield {**item.row, **{k: stored[k] for k in job.generated_fields if k in stored}}
 
     try:
         written = atomic_write_jsonl(job.layout.final, records())
