@@ -145,6 +145,10 @@ def test_a_questions_pairs_are_scored_in_one_span_and_equal_pair_by_pair(demo_mo
     assert sorted(cached) == list(range(1, 16))
     rejected = [json.loads(x) for x in (cache / "rejected_rows.jsonl").read_text().splitlines()]
     assert [(r["line"], r["field"]) for r in rejected] == [(16, "chosen")]
+    decoded.clear()  # run again (as after a kill): only the rejected row is tried again, and it is logged once
+    run_precompute(run_config(demo_model, meta, tmp_path / "pre", f"train.ref_cache={tmp_path / 'cache'}"),
+                   progress=False)
+    assert decoded == [16] and (cache / "rejected_rows.jsonl").read_text().count('"line": 16') == 1
 
     processor = load_processor(str(demo_model))
     model = load_model(str(demo_model)).eval()

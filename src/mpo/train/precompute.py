@@ -91,6 +91,9 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         log.info("reference cache %s: %d pairs to score in %d questions (%d pairs already there)", out, len(todo),
                  len(questions), len(done))
     mine = questions[acc.process_index::acc.num_processes]
+    rejects_path = out / "rejected_rows.jsonl"
+    if acc.is_main_process and rejects_path.is_file():  # its rows were not cached, so they are tried (and logged) again
+        rejects_path.write_bytes(b"")
     # Every rank must split the same ``todo``: a rank still reading the parts while another already appends its
     # first results would count those as done, get a shorter list, and stride past pairs that nobody computes (its
     # read_parts could also cut another rank's half-written line as "torn"). Nobody writes before all have read.
@@ -121,7 +124,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     n_batches = len(plan)
     if lockstep:  # every rank runs as many forwards as the busiest one
         n_batches = int(acc.gather(torch.tensor([n_batches], device=acc.device)).max())
-    writer, rejects = PartWriter(out, acc.process_index), RejectedRowLog(out / "rejected_rows.jsonl")
+    writer, rejects = PartWriter(out, acc.process_index), RejectedRowLog(rejects_path)
     t0, n = time.perf_counter(), 0
     bar = tqdm(total=sum(map(len, mine)), desc=f"reference log-probs (rank {acc.process_index})", disable=not progress,
                unit="pair")
