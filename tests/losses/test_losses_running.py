@@ -63,6 +63,16 @@ def test_all_reduce_hook_is_called_and_its_result_used() -> None:
     assert running.state_dict().keys() == {"value", "count"}  # the hook is not state
 
 
+def test_a_rank_without_pairs_passes_none_and_the_others_decide() -> None:
+    """A rank whose rows were all bad passes None: the reducer leaves it out; with no pair anywhere (or in one
+    process) δ stays."""
+    assert RunningMean(value=0.5, count=2.0).update(None) == 0.5
+    others = RunningMean(all_reduce=lambda x: 0.25 if x is None else (x + 0.25) / 2)
+    assert others.update(None) == pytest.approx(0.25)
+    nobody = RunningMean(value=0.5, count=2.0, all_reduce=lambda x: None)
+    assert nobody.update(None) == 0.5 and nobody.count == 2.0
+
+
 @pytest.mark.parametrize(
     ("state", "message"),
     [

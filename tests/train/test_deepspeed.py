@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import COMMON, DEMO, _env, _free_port, _max_diff, _train, _weights
+from test_distributed import BAD, COMMON, DEMO, _env, _free_port, _max_diff, _train, _weights, _with_bad_rows
 
 from mpo.config import load_config
 from mpo.train.config import RunConfig
@@ -105,6 +105,23 @@ def test_zero2_two_processes_equal_one_plain_process(demo_model, demo_data, tmp_
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     rows = [json.loads(x) for x in (tmp_path / "zero2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero2_with_micro_batches_of_bad_rows_equals_one_plain_process(demo_model, demo_data, tmp_path):
+    """Broken rows, one pair per micro-batch: a micro-batch without a usable pair runs a usable one with weight 0
+    (ranks keep step; engine.step() still comes at the accumulation boundary, where a skipped last micro-batch once
+    carried its step's gradients into the next). One process with ZeRO-2 and accumulation 2 equals the plain
+    process, which skips such micro-batches. (Not a step without any usable pair: DeepSpeed's Adam steps on its
+    zero gradients, docs/launch.md.)"""
+    meta = _with_bad_rows(demo_data, tmp_path, BAD[:3])
+    args = [*NO_DELTA, "train.per_device_batch_size=1", "train.gradient_accumulation_steps=2", "train.max_steps=12",
+            "train.save_steps=0"]
+    _train(1, demo_model, meta, tmp_path / "zero2", *args, f"train.deepspeed={ZERO2}", launcher=True)
+    _train(1, demo_model, meta, tmp_path / "plain", *args)
+    assert _max_diff(_weights(tmp_path / "zero2" / "final"), _weights(tmp_path / "plain" / "final")) < 1e-5
+    assert len((tmp_path / "zero2" / "rejected_rows.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.distributed

@@ -31,9 +31,10 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _train(nproc: int, model, meta, out, *extra, resume=False):
+def _train(nproc: int, model, meta, out, *extra, resume=False, launcher=False):
+    """``launcher``: start even one process with torchrun (DeepSpeed wants one)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-                if nproc > 1 else [sys.executable])
+                if nproc > 1 or launcher else [sys.executable])
     cmd = [*launcher, "-m", "mpo.cli", "train", DEMO, f"model.path={model}", f"data.meta_path={meta}",
            f"train.output_dir={out}", *COMMON, *extra] + (["--resume"] if resume else [])
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -91,6 +92,49 @@ def test_a_rank_without_images_keeps_step_with_a_rank_with_images(demo_model, de
     _train(2, demo_model, meta, tmp_path / "two", *no_delta)
     _train(1, demo_model, meta, tmp_path / "one", *no_delta, "train.gradient_accumulation_steps=2")
     assert _max_diff(_weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")) < 1e-5
+
+
+def _with_bad_rows(demo_data, tmp_path, positions: list[int]) -> Path:
+    """A copy of the demo data whose rows at these positions of the epoch-0 order (data.seed 42) are broken JSON.
+    With one pair per micro-batch, position 2s + 1 is step s's second micro-batch: rank 1's with two processes,
+    the last with accumulation 2."""
+    import shutil
+
+    from mpo.data import read_meta
+    from mpo.data.mixture import PreferenceMixture
+    from mpo.train.data import ResumableOrder
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    mixture = PreferenceMixture(read_meta(data / "meta.json"), seed=42)
+    order = ResumableOrder(len(mixture), per_device=1, accumulation=2, seed=42).order(0).tolist()
+    for dataset, line in sorted(mixture.source(order[k]) for k in positions):
+        ann = data / "annotations" / f"{dataset}.jsonl"
+        lines = ann.read_text().splitlines()
+        lines[line - 1] = "{broken"
+        ann.write_text("\n".join(lines) + "\n")
+    return data / "meta.json"
+
+
+BAD = [1, 5, 9, 10, 11]  # steps 1, 3, 5: the second micro-batch; step 6: both (no pair anywhere: no update)
+
+
+def test_a_rank_whose_rows_are_all_bad_keeps_step_and_adds_nothing(demo_model, demo_data, tmp_path):
+    """One pair per process and broken rows: a rank whose micro-batch has no usable pair used to skip its forward
+    and backward while the other rank waited in DDP's all-reduce, for ever. It now runs a usable pair with weight 0:
+    the run finishes and equals one process with accumulation 2, which skips the bad micro-batch; a step where no
+    rank has a usable pair updates nothing, as in one process."""
+    meta = _with_bad_rows(demo_data, tmp_path, BAD)
+    no_delta = ["loss.loss_types=[sigmoid,sft]", "loss.loss_weights=[0.8,1.0]", "train.per_device_batch_size=1",
+                "train.max_steps=12", "train.save_steps=0"]
+    _train(2, demo_model, meta, tmp_path / "two", *no_delta)
+    _train(1, demo_model, meta, tmp_path / "one", *no_delta, "train.gradient_accumulation_steps=2")
+    assert _max_diff(_weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final")) < 1e-5
+    rejected = {name: sorted(json.loads(x)["line"] for x in (tmp_path / name / "rejected_rows.jsonl").read_text()
+                             .splitlines()) for name in ("two", "one")}
+    assert len(rejected["two"]) == len(BAD) and rejected["two"] == rejected["one"]  # each logged once, in both
+    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
 
 
 def test_delta_is_all_reduced_across_ranks(demo_model, demo_data, tmp_path):

@@ -66,11 +66,19 @@ class RunningMean:
     count: float = _INITIAL_COUNT
     all_reduce: Callable[[float], float] | None = field(default=None, repr=False, compare=False)
 
-    def update(self, batch_mean: float, n: int = 1) -> float:
-        """Fold one step's mean reward into the running mean and return the new value."""
+    def update(self, batch_mean: float | None, n: int = 1) -> float:
+        """Fold one step's mean reward into the running mean and return the new value.
+
+        ``None``: this rank had no usable pair in the step (all its rows were bad). Under ``all_reduce`` the other
+        ranks' means decide (the reducer gets ``None`` and must leave this rank out); when no rank had a pair,
+        or in one process, delta stays as it is.
+        """
         if n <= 0:
             raise ValueError(f"RunningMean.update: n must be >= 1, got {n}")
-        x = float(batch_mean) if self.all_reduce is None else float(self.all_reduce(float(batch_mean)))
+        x = batch_mean if self.all_reduce is None else self.all_reduce(batch_mean)
+        if x is None:
+            return self.value
+        x = float(x)
         if not math.isfinite(x):
             raise ValueError(f"RunningMean.update: batch_mean must be finite, got {x} (after all_reduce)")
         total = self.count + n

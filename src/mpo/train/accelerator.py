@@ -16,7 +16,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from mpo.train.config import RunConfig
 from mpo.train.setup import deepspeed_config
 
-__all__ = ["TrainingError", "make_accelerator", "accelerator_for", "zero_stage_of"]
+__all__ = ["TrainingError", "make_accelerator", "accelerator_for", "zero_stage_of", "mean_over_ranks",
+           "pairs_on_any_rank"]
 
 log = logging.getLogger("mpo.train")
 
@@ -84,3 +85,23 @@ def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
         raise TrainingError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
                             f"per_device_batch_size × processes = {per_step}")
     tc.gradient_accumulation_steps = tc.global_batch_size // per_step
+
+def mean_over_ranks(accelerator: Accelerator):
+    """The δ reducer of :class:`~mpo.losses.RunningMean` for several processes (None for one)."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def reduce(x: float | None) -> float | None:
+        """Mean over the ranks that had pairs (``None``: this rank had none); ``None`` when no rank had any."""
+        t = torch.tensor([x or 0.0, float(x is not None)], device=accelerator.device, dtype=torch.float64)
+        total, ranks = accelerator.reduce(t, reduction="sum").tolist()
+        return total / ranks if ranks else None
+
+    return reduce
+
+
+def pairs_on_any_rank(acc: Accelerator, n_pairs: int) -> bool:
+    """Whether any rank trained on a pair in this step (collective under several processes)."""
+    if acc.num_processes == 1:
+        return n_pairs > 0
+    return bool(acc.reduce(torch.tensor([n_pairs], device=acc.device), reduction="sum").item())

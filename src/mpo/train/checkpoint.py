@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mpo.fsio import atomic_write_json, replace_dir
+from mpo.train.metrics import METRICS_FILE
 
 __all__ = ["save_checkpoint", "start_checkpoint", "save_deepspeed_state", "load_deepspeed_state",
            "full_optimizer_state", "full_weights", "retie", "load_full_weights", "latest_checkpoint",
@@ -241,3 +242,35 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
     found = sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)))
     for _, path in found[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder's logs: appended to as the run goes; a checkpoint records how far (trainer_state "log_bytes")
+
+REJECTED_ROWS = "rejected_rows.jsonl"
+LOGS = (METRICS_FILE, REJECTED_ROWS)
+
+
+def saved_runs(output_dir: Path) -> list[str]:
+    """Names of the ``checkpoint-*`` folders and ``final`` a run has left in ``output_dir``."""
+    return sorted(p.name for p in output_dir.iterdir() if is_checkpoint(p) or (p.name == "final" and p.is_dir()))
+
+
+def log_sizes(output_dir: Path) -> dict[str, int]:
+    return {name: (output_dir / name).stat().st_size if (output_dir / name).is_file() else 0 for name in LOGS}
+
+
+def cut_logs(output_dir: Path, sizes: dict[str, int]) -> None:
+    """Cut each log back to its size in ``sizes`` (a checkpoint's ``log_sizes``); longer logs only."""
+    for name, size in sizes.items():
+        if (output_dir / name).is_file() and (output_dir / name).stat().st_size > size:
+            with open(output_dir / name, "r+b") as fh:
+                fh.truncate(size)
+
+
+def restart_logs(output_dir: Path) -> list[Path]:
+    """Empty the non-empty logs of ``output_dir``; returns them."""
+    emptied = [output_dir / name for name in LOGS if (output_dir / name).is_file() and (output_dir / name).stat().st_size]
+    for path in emptied:
+        path.write_bytes(b"")
+    return emptied

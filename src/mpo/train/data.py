@@ -39,7 +39,7 @@ from mpo.train.shared import collate_shared
 
 log = logging.getLogger("mpo.train")
 
-__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch", "vision_filler",
+__all__ = ["EncodedPairs", "ResumableOrder", "DataPosition", "Collator", "Prefetched", "prefetch", "vision_filler", "first_usable",
            "question_key"]
 
 
@@ -104,6 +104,15 @@ class EncodedPairs(Dataset):
 
     def _augments(self, i: int) -> bool:
         return self.augment_seed is not None and self.mixture.spec(self.mixture.locate(i)[0]).data_augment
+
+
+def first_usable(dataset: EncodedPairs) -> EncodedPair:
+    """The first item of ``dataset`` that is not a row error (a stand-in for ranks that must keep step)."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, RowError):
+            return item
+    raise MetaError("no usable pair in the data")
 
 
 def question_key(record) -> bytes:

@@ -39,7 +39,7 @@ from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.accelerator import accelerator_for, make_accelerator, zero_stage_of
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, EncodedPairs, prefetch, question_key, vision_filler
+from mpo.train.data import Collator, EncodedPairs, first_usable, prefetch, question_key, vision_filler
 from mpo.train.forward import PairScorer, backbone_of
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
 from mpo.train.setup import Zero3PairScorer, deepspeed_reference, disable_dropout
@@ -149,7 +149,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                 spare = batch
                 yield n_items, errors, batch, True
             elif lockstep:  # no pair, or only bad rows: the other ranks still gather weights for this forward
-                spare = spare or collate([_first_usable(dataset)])[0]
+                spare = spare or collate([first_usable(dataset)])[0]
                 yield n_items, errors, spare, False
             else:
                 yield n_items, errors, None, False
@@ -254,11 +254,3 @@ def _batches(questions: list[list[int]], batch_size: int) -> list[list[list[int]
         out[-1].append(q)
         n += len(q)
     return out
-
-
-def _first_usable(dataset: EncodedPairs):
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if not isinstance(item, RowError):
-            return item
-    raise RefCacheError("no usable pair in the data to keep the ZeRO-3 ranks in step")

@@ -40,11 +40,26 @@ from mpo.fsio import atomic_write_text
 from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
 from mpo.models import load_model, load_processor
 from mpo.train import checkpoint as ckpt
-from mpo.train.accelerator import TrainingError, _derive_accumulation, accelerator_for, zero_stage_of
+from mpo.train.accelerator import (
+    TrainingError,
+    _derive_accumulation,
+    accelerator_for,
+    mean_over_ranks,
+    pairs_on_any_rank,
+    zero_stage_of,
+)
 from mpo.train.config import RunConfig
-from mpo.train.data import Collator, DataPosition, EncodedPairs, ResumableOrder, prefetch, vision_filler
+from mpo.train.data import (
+    Collator,
+    DataPosition,
+    EncodedPairs,
+    ResumableOrder,
+    first_usable,
+    prefetch,
+    vision_filler,
+)
 from mpo.train.forward import PairScorer, PairScores, backbone_of, replayable_tower
-from mpo.train.metrics import METRICS_FILE, MetricsLogger
+from mpo.train.metrics import MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
     Zero3PairScorer,
@@ -65,9 +80,6 @@ from mpo.train.setup import (
 __all__ = ["TrainingError", "TrainResult", "run_train"]
 
 log = logging.getLogger("mpo.train")
-
-REJECTED_ROWS = "rejected_rows.jsonl"
-LOGS = (METRICS_FILE, REJECTED_ROWS)  # appended to as the run goes; a checkpoint records how far
 
 
 @dataclass
@@ -152,7 +164,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     log.info("data: %d pairs per epoch (%s)", len(mixture),
              ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
-    rejects = RejectedRowLog(out / REJECTED_ROWS)
+    rejects = RejectedRowLog(out / ckpt.REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
         _require_usable_rows(dataset, cfg, rejects)
 
@@ -178,7 +190,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     if reference is not None and zero_stage >= 0:
         reference = deepspeed_reference(reference, accelerator.deepspeed_config, zero_stage)
 
-    delta = RunningMean(all_reduce=_mean_over_ranks(accelerator))
+    delta = RunningMean(all_reduce=mean_over_ranks(accelerator))
     start_step, position = 0, DataPosition()
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
@@ -214,17 +226,14 @@ def _start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
     """A run that does not resume starts in a folder without another run's checkpoints or final model (its
     checkpoints would mix with this run's: ``--resume`` and ``save_total_limit`` pick the newest by step number,
     whichever run wrote it). Logs of an earlier attempt that saved nothing are started anew, not appended to."""
-    earlier = sorted(p.name for p in out.iterdir() if ckpt.is_checkpoint(p) or (p.name == "final" and p.is_dir()))
+    earlier = ckpt.saved_runs(out)
     if earlier:
         how = "it has no complete checkpoint to resume from" if resume else "continue it with --resume"
         raise TrainingError(f"{out} already holds another run ({', '.join(earlier[:3])}"
                             f"{', ...' if len(earlier) > 3 else ''}): {how}, or set train.output_dir to a new folder")
     if accelerator.is_main_process:
-        for name in LOGS:
-            if (out / name).is_file() and (out / name).stat().st_size:
-                log.warning("%s: starting a new %s (the earlier attempt in this folder saved no checkpoint)",
-                            out / name, name)
-                (out / name).write_bytes(b"")
+        for path in ckpt.restart_logs(out):
+            log.warning("%s: started anew (the earlier attempt in this folder saved no checkpoint)", path)
     accelerator.wait_for_everyone()
 
 
@@ -266,25 +275,11 @@ def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler,
     trainer_state = ckpt.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
     delta.load_state_dict(trainer_state["delta"])
     if accelerator.is_main_process:  # steps and rows after the checkpoint come again: log them once, not twice
-        for name, size in trainer_state.get("log_bytes", {}).items():
-            if (path.parent / name).is_file() and (path.parent / name).stat().st_size > size:
-                with open(path.parent / name, "r+b") as fh:
-                    fh.truncate(size)
+        ckpt.cut_logs(path.parent, trainer_state.get("log_bytes", {}))
     accelerator.wait_for_everyone()
     rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
     pos = trainer_state["position"]
     return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])
-
-
-def _mean_over_ranks(accelerator: Accelerator):
-    if accelerator.num_processes == 1:
-        return None
-
-    def reduce(x: float) -> float:
-        t = torch.tensor([x], device=accelerator.device, dtype=torch.float64)
-        return float(accelerator.reduce(t, reduction="mean").item())
-
-    return reduce
 
 
 def _pad_id(processor) -> int:
@@ -313,9 +308,21 @@ def reference_scores(run: Run, batch, image_features=None) -> PairScores:
 
 
 def train(run: Run) -> TrainResult:
+    batches = prefetch(run.loader, run.cfg.data.prefetch_batches)  # the next micro-batches decode meanwhile
+    try:
+        return _train_steps(run, batches)
+    finally:  # also on an error: a prefetch thread still running torch ops at exit aborts the interpreter
+        getattr(batches, "close", lambda: None)()
+
+
+def _train_steps(run: Run, batches) -> TrainResult:
     cfg, acc, tc = run.cfg, run.accelerator, run.cfg.train
     accum = tc.gradient_accumulation_steps
-    batches = prefetch(run.loader, cfg.data.prefetch_batches)  # the next micro-batches decode meanwhile
+    # Several processes (DDP all-reduce, ZeRO gathers, the δ reduction) or DeepSpeed (engine.step at the
+    # accumulation boundary) need every rank to run every micro-batch: one whose rows were all bad runs a usable
+    # pair with weight 0 instead of being skipped (a skip hung the other ranks in their collectives).
+    lockstep = acc.num_processes > 1 or zero_stage_of(acc) >= 0
+    spare = None  # this rank's last usable micro-batch: the weight-0 stand-in
     step, last = run.start_step, {}
     run.scorer.train()
     freeze_train_mode(acc.unwrap_model(run.scorer).model, cfg.model)
@@ -326,8 +333,12 @@ def train(run: Run) -> TrainResult:
             batch, errors = next(batches)
             for err in errors:
                 handle_bad_row(err, cfg.data.on_bad_row, run.rejects)
+            weight = 1.0
             if batch is None:  # every pair of this micro-batch was bad; it was logged
-                continue
+                if not lockstep:
+                    continue
+                batch, weight = spare if spare is not None else run.loader.collate_fn([first_usable(run.loader.dataset)])[0], 0.0
+            spare = batch
             batch = batch.to(acc.device)
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.scorer)
             with sync:
@@ -346,18 +357,23 @@ def train(run: Run) -> TrainResult:
                 if not math.isfinite(batch_reward) or not torch.isfinite(policy.chosen_nll):
                     _nonfinite(step + 1, "the loss is nan" if math.isnan(batch_reward) else "the loss is not finite",
                                batch, tc.output_dir)
-                run.delta.update(batch_reward)  # δ includes the current batch, before the loss (InternVL)
+                run.delta.update(batch_reward if weight else None)  # δ includes the current batch (InternVL)
                 out = mpo_loss_with_rewards(
                     policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
                     policy.chosen_nll, beta=beta, loss_types=cfg.loss.loss_types, loss_weights=cfg.loss.loss_weights,
                     delta=run.delta.value)
                 if not torch.isfinite(out.loss):
                     _nonfinite(step + 1, f"the loss is {out.loss.item()}", batch, tc.output_dir)
-                _backward(run, out.loss, last_micro=micro == accum - 1)
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * batch.num_pairs
-            n_pairs += batch.num_pairs
-            n_tokens += batch.num_tokens
+                _backward(run, out.loss * weight, last_micro=micro == accum - 1)
+            for k, v in out.metrics.items():  # a stand-in adds 0 but its keys: the ranks reduce equal lists
+                sums[k] = sums.get(k, 0.0) + v * batch.num_pairs * weight
+            n_pairs += int(batch.num_pairs * weight)
+            n_tokens += int(batch.num_tokens * weight)
+        if lockstep and zero_stage_of(acc) < 0 and not pairs_on_any_rank(acc, n_pairs):
+            # no rank had a usable pair: stand-ins left zero gradients, which AdamW would still step (its moments
+            # decay); one process skips such a step (no gradients at all), so several skip it too. DeepSpeed steps
+            # inside its engine at the boundary and is left as it is (docs/launch.md)
+            run.optimizer.zero_grad(set_to_none=True)
         grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
         run.optimizer.step()
         run.scheduler.step()
@@ -378,7 +394,6 @@ def train(run: Run) -> TrainResult:
             run.metrics.log(step, last)
         if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
             save(run, step)
-    getattr(batches, "close", lambda: None)()
     return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, run.rejects.total)
 
 
@@ -451,7 +466,7 @@ def save(run: Run, step: int) -> None:
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
                  "world_size": acc.num_processes,
-                 "log_bytes": {name: (out / name).stat().st_size if (out / name).is_file() else 0 for name in LOGS}}
+                 "log_bytes": ckpt.log_sizes(out)}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
                              started=deepspeed)
