@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from train_helpers import run_config
 
 from mpo.config import ConfigError
 from mpo.train.recipe import TrainingError, run_train, setup, train
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def _weights(path):
@@ -79,11 +82,37 @@ def test_nonfinite_loss_stops_and_names_the_step(demo_model, demo_data, tmp_path
 
 
 def test_missing_model_path_is_a_clear_error(demo_data, tmp_path):
-    from mpo.models import ModelLoadError
-
     cfg = run_config(tmp_path / "nope", demo_data / "meta.json", tmp_path / "run")
-    with pytest.raises(ModelLoadError, match="nope"):
+    with pytest.raises(TrainingError, match="nope: no such model folder"):
         run_train(cfg)
+
+
+def test_usage_errors_are_one_line_with_exit_code_2_not_a_traceback(demo_model, demo_data, tmp_path):
+    """The CLI prints what is wrong and exits 2 for a model, data or setting that cannot make the run: these were
+    tracebacks with exit 1 (a ModelLoadError or ValueError from setup, eval's batch size 0)."""
+    from typer.testing import CliRunner
+
+    from mpo.cli import app
+
+    base = ["train", str(DEMO), f"model.path={demo_model}", f"data.meta_path={demo_data / 'meta.json'}"]
+    cases = {
+        "no_model": (base + [f"model.path={tmp_path / 'nope'}"], "nope: no such model folder"),
+        "batch": (base + ["train.per_device_batch_size=1000"], "per_device"),
+        "frozen": (base + ["model.freeze_backbone=true", "model.freeze_mlp=true", "model.freeze_llm=true"],
+                   "nothing to train: model.freeze_backbone, freeze_mlp and freeze_llm freeze every parameter"),
+        "eval_model": (["eval", "--model", str(tmp_path / "nope"), "--meta", str(demo_data / "meta.json")],
+                       "nope: no such model folder"),
+        "eval_meta": (["eval", "--model", str(demo_model), "--meta", str(tmp_path / "none.json")], "none.json"),
+    }
+    for name, (args, message) in cases.items():
+        out = tmp_path / name
+        result = CliRunner().invoke(app, [*args, f"train.output_dir={out}"] if args[0] == "train" else args)
+        assert result.exit_code == 2, (name, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), name
+        assert "error: " in result.output and message in result.output, (name, result.output)
+    result = CliRunner().invoke(app, ["eval", "--model", str(demo_model), "--meta", str(demo_data / "meta.json"),
+                                      "--batch-size", "0"])
+    assert result.exit_code == 2 and "--batch-size" in result.output
 
 
 def test_meta_without_usable_rows_fails_before_training(demo_model, tmp_path):

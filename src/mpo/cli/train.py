@@ -47,7 +47,7 @@ def eval_(
     meta: Path = typer.Option(..., "--meta", help="Held-out meta.json."),
     reference: str = typer.Option(None, "--reference", help="Reference model (default: the run's base model)."),
     beta: float = typer.Option(0.1, help="β of the implicit reward."),
-    batch_size: int = typer.Option(8, help="Pairs per forward."),
+    batch_size: int = typer.Option(8, min=1, help="Pairs per forward."),
     max_length: int = typer.Option(16384, help="Longer pairs are skipped and reported."),
     max_dynamic_patch: int = typer.Option(12, help="Tile budget per row."),
     blank_images: bool = typer.Option(False, "--blank-images", help="Replace every image by a white one (ablation)."),
@@ -55,11 +55,16 @@ def eval_(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Held-out preference accuracy: log-prob and implicit-reward, per dataset and overall."""
+    from mpo.data.errors import DataError
     from mpo.train.evaluate import run_eval
 
-    report = run_eval(model, str(meta), reference=reference, beta=beta, batch_size=batch_size,
-                      max_length=max_length, max_dynamic_patch=max_dynamic_patch, blank_images=blank_images,
-                      trust_remote_code=trust_remote_code)
+    try:  # a model or meta file that cannot be used: one line, exit 2 (ModelLoadError is a ValueError)
+        report = run_eval(model, str(meta), reference=reference, beta=beta, batch_size=batch_size,
+                          max_length=max_length, max_dynamic_patch=max_dynamic_patch, blank_images=blank_images,
+                          trust_remote_code=trust_remote_code)
+    except (DataError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())
 
 
@@ -77,9 +82,10 @@ def demo(
 def precompute_ref(
     config: Path = typer.Argument(..., help="The run config YAML the cache is for."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.ref_cache=cache/"),
-    batch_size: int = typer.Option(8, help="Pairs per reference forward."),
+    batch_size: int = typer.Option(8, min=1, help="Pairs per reference forward."),
 ) -> None:
     """Compute the reference log-probs of every training pair once (resumable); then train with train.ref_cache."""
+    from mpo.data.errors import DataError
     from mpo.train.config import RunConfig
     from mpo.train.precompute import run_precompute
     from mpo.train.refcache import RefCacheError
@@ -88,7 +94,7 @@ def precompute_ref(
     try:
         cfg = load_config(RunConfig, config, overrides or [])
         out = run_precompute(cfg, batch_size=batch_size)
-    except (ConfigError, RefCacheError) as exc:
+    except (ConfigError, RefCacheError, DataError, ValueError) as exc:  # incl. ModelLoadError
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"reference cache: {out}  (train with: mpo train {config} train.ref_cache={out})")

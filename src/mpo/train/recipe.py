@@ -156,6 +156,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                     "are lost (at lr 2e-7, nearly all); use model.dtype=float32 with ACCELERATE_MIXED_PRECISION=bf16, "
                     "or DeepSpeed (docs/launch.md#precision)")
     trainable, total = count_parameters(model)
+    if not trainable:
+        raise TrainingError("nothing to train: model.freeze_backbone, freeze_mlp and freeze_llm freeze every "
+                            "parameter (or model.lora.r > 0 targets no module)")
     log.info("model %s: %.2f M parameters, %.2f M trainable", cfg.model.path, total / 1e6, trainable / 1e6)
 
     specs = read_meta(cfg.data.meta_path)
@@ -478,8 +481,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     """Set up and train; writes checkpoints and the final model under ``cfg.train.output_dir``."""
     try:
         run = setup(cfg, resume=resume)
-    except (DataError, RefCacheError) as exc:
-        raise TrainingError(str(exc)) from None
+    except (DataError, RefCacheError, ValueError) as exc:  # the model, data or settings cannot make this run
+        raise TrainingError(str(exc)) from exc
     try:
         result = train(run)
     except DataError as exc:  # on_bad_row: error
