@@ -68,6 +68,8 @@ def test_unknown_section(tmp_path):
     ("model.freeze_llm=maybe", r"model.freeze_llm: expected true or false, got 'maybe'"),
     ("loss.loss_weights=[0.8,0.2]", r"loss.loss_weights: 2 weights for 3 loss_types"),
     ("data.on_bad_row=ignore", r"data.on_bad_row: must be one of 'skip', 'error'"),
+    ("loss.loss_types=[sigmoid,foo,sft]", r"loss.loss_types / loss.loss_weights: unknown loss type\(s\) \['foo'\]"),
+    ("loss.loss_weights=[0.8,-1,1]", r"loss.loss_types / loss.loss_weights: .*-1"),
 ])
 def test_bad_values_name_the_key_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,3 +94,15 @@ def test_required_paths_checked_at_run_time():
 def test_malformed_override():
     with pytest.raises(ConfigError, match="is not of the form key.sub=value"):
         load_config(RunConfig, None, ["train.seed"])
+
+
+def test_a_key_given_twice_in_the_yaml_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` section silently dropped the first's values."""
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  learning_rate: 1.0e-5\n  save_steps: 50\nmodel:\n  dtype: float32\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 6: 'train' is given twice in one mapping \(first on line "
+                                          r"1\); the second would replace the first$"):
+        load_config(RunConfig, y)
+    y.write_text("train:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"line 3: 'seed' is given twice in one mapping \(first on line 2\)"):
+        load_config(RunConfig, y)

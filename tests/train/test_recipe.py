@@ -337,3 +337,16 @@ def test_loader_workers_train_like_in_process_loading(demo_model, demo_data, tmp
         runs[workers] = losses, load_file(next((out / "final").glob("*.safetensors")))
     assert runs[2][0] == runs[0][0]
     assert all(torch.equal(runs[2][1][k], v) for k, v in runs[0][1].items())
+
+
+def test_ipo_trains_with_each_answers_token_count(demo_model, demo_data, tmp_path):
+    """ipo averages each answer's log-ratio by its token count: the loop passes them (it could never train)."""
+    run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "loss.loss_types=[ipo,sft]",
+                           "loss.loss_weights=[1.0,1.0]", "train.max_steps=2"))
+    batch, _ = next(iter(run.loader))
+    chosen, rejected = batch.answer_lengths()
+    by_segment = torch.bincount(batch.segment_ids)
+    assert chosen.tolist() == by_segment[0::2].tolist() and rejected.tolist() == by_segment[1::2].tolist()
+    assert chosen.min() > 0 and chosen.shape == (batch.num_pairs,)
+    result = train(run)
+    assert result.steps == 2 and "loss/ipo" in result.last_metrics

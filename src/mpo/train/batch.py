@@ -71,6 +71,13 @@ class PairBatch:
     """several processes, a micro-batch without images: one blank image's inputs, which the scorer runs through
     the vision modules with a zero weight (:class:`mpo.train.data.Collator`)."""
 
+    def answer_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,), (B,) float: the scored tokens of each pair's chosen and rejected answer (``ipo`` averages by them)."""
+        counts = torch.bincount(self.segment_ids, minlength=self.num_answers or 2 * self.num_pairs).float()
+        if self.answer_of is None:
+            return counts[0::2], counts[1::2]
+        return counts[self.answer_of[:, 0]], counts[self.answer_of[:, 1]]
+
     def to(self, device: torch.device | str) -> PairBatch:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return replace(

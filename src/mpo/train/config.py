@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mpo.config import ConfigError, field
+from mpo.losses.mixed import check_loss_types
 
 __all__ = ["ModelConfig", "LoraConfig", "DataConfig", "LossConfig", "TrainConfig", "RunConfig"]
 
@@ -62,6 +63,10 @@ class LossConfig:
         if len(self.loss_types) != len(self.loss_weights):
             raise ConfigError(f"loss.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_types)} "
                               f"loss_types {self.loss_types}; give one weight per loss type")
+        try:  # unknown names, repeats, negative or non-finite weights: at load time, not at the first step
+            check_loss_types(self.loss_types, self.loss_weights)
+        except ValueError as exc:
+            raise ConfigError(f"loss.loss_types / loss.loss_weights: {exc}") from None
 
 
 @dataclass

@@ -364,7 +364,7 @@ def _train_steps(run: Run, batches) -> TrainResult:
                 out = mpo_loss_with_rewards(
                     policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps,
                     policy.chosen_nll, beta=beta, loss_types=cfg.loss.loss_types, loss_weights=cfg.loss.loss_weights,
-                    delta=run.delta.value)
+                    delta=run.delta.value, **_lengths(batch, cfg.loss.loss_types))
                 if not torch.isfinite(out.loss):
                     _nonfinite(step + 1, f"the loss is {out.loss.item()}", batch, tc.output_dir)
                 _backward(run, out.loss * weight, last_micro=micro == accum - 1)
@@ -398,6 +398,14 @@ def _train_steps(run: Run, batches) -> TrainResult:
         if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
             save(run, step)
     return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, run.rejects.total)
+
+
+def _lengths(batch, loss_types: list[str]) -> dict[str, torch.Tensor]:
+    """The answers' token counts, for the loss types that average by them (``ipo``)."""
+    if "ipo" not in loss_types:
+        return {}
+    chosen, rejected = batch.answer_lengths()
+    return {"chosen_lengths": chosen, "rejected_lengths": rejected}
 
 
 def _backward(run: Run, loss: torch.Tensor, *, last_micro: bool) -> None:
