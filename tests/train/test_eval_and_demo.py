@@ -54,3 +54,16 @@ def test_demo_end_to_end_small(tmp_path):
     assert summary["steps"] == 2
     assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 2
+
+
+def test_eval_table_says_how_many_rows_were_skipped_and_why(tiny_qwen2_dir, demo_data):
+    """A text-only model on image data: the image rows cannot be scored. The table listed only the scored pairs
+    and gave no sign of the others; it now has a skipped column (a dataset with no scored pair stays in it) and the
+    first reasons."""
+    report = run_eval(str(tiny_qwen2_dir), str(demo_data / "meta.json"), max_length=512, max_dynamic_patch=1)
+    assert {name: (d["pairs"], d["skipped"]) for name, d in report.datasets.items()} == {
+        "shape_colour": (0, 57), "pair_colour": (0, 24), "text_arith": (15, 0)}
+    assert report.overall["pairs"] == 15 and report.overall["skipped"] == 81 == len(report.skipped_rows)
+    table = report.table()
+    assert table.splitlines()[0].split()[:3] == ["dataset", "pairs", "skipped"]
+    assert "81 rows skipped, e.g.:" in table and "the model is text-only" in table

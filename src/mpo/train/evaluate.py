@@ -35,6 +35,7 @@ __all__ = ["EvalReport", "run_eval", "resolve_run_model", "score_pairs"]
 @dataclass
 class DatasetStats:
     pairs: int = 0
+    skipped: int = 0  # rows that could not be scored (reasons in EvalReport.skipped_rows)
     logp_wins: int = 0
     reward_wins: int = 0
     margin_sum: float = 0.0
@@ -42,7 +43,7 @@ class DatasetStats:
 
     def to_dict(self, has_ref: bool) -> dict:
         n = max(self.pairs, 1)
-        out = {"pairs": self.pairs, "logp_accuracy": self.logp_wins / n, "mean_logp_margin": self.logp_margin_sum / n}
+        out = {"pairs": self.pairs, "skipped": self.skipped, "logp_accuracy": self.logp_wins / n, "mean_logp_margin": self.logp_margin_sum / n}
         if has_ref:
             out.update({"reward_accuracy": self.reward_wins / n, "mean_reward_margin": self.margin_sum / n})
         return out
@@ -60,12 +61,16 @@ class EvalReport:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        cols = ["pairs", "logp_accuracy", "reward_accuracy", "mean_logp_margin", "mean_reward_margin"]
+        cols = ["pairs", "skipped", "logp_accuracy", "reward_accuracy", "mean_logp_margin", "mean_reward_margin"]
         rows = [("dataset", *cols)]
         for name, stats in [*self.datasets.items(), ("overall", self.overall)]:
             rows.append((name, *(_cell(stats.get(c)) for c in cols)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        if self.skipped_rows:  # accuracies are over the scored pairs only: say what was left out, and why
+            lines.append(f"{len(self.skipped_rows)} rows skipped, e.g.:")
+            lines += [f"  {reason}" for reason in self.skipped_rows[:3]]
+        return "\n".join(lines)
 
 
 def _cell(v) -> str:
@@ -123,7 +128,10 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
     report = EvalReport(model=model_path, reference=reference)
     for k, (sources, chosen, rejected, errors) in enumerate(score_pairs(policy, dataset, batch_size=batch_size,
                                                                          pad_id=pad_id)):
-        report.skipped_rows.extend(str(e) for e in errors if isinstance(e, RowError))
+        for err in errors:
+            if isinstance(err, RowError):
+                report.skipped_rows.append(str(err))
+                stats[err.dataset].skipped += 1
         if chosen is None:
             continue
         for j, (name, _line) in enumerate(sources):
