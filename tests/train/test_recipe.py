@@ -45,6 +45,10 @@ def test_train_writes_metrics_checkpoint_and_final_model(demo_model, demo_data, 
     assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.json").is_file()
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
+    # a checkpoint's model loads by path like final/ (mpo eval, mpo models info): it has the processor too
+    from mpo.models import load_processor
+
+    assert type(load_processor(tmp_path / "run" / "checkpoint-2" / "model")).__name__ == "InternVLProcessor"
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "loader_workers"])

@@ -180,18 +180,21 @@ def load_deepspeed_state(path: Path, engine: Any, world_size: int) -> None:
 def save_checkpoint(output_dir: Path, step: int, *, model: torch.nn.Module, optimizer_state: dict[str, Any] | None,
                     scheduler: Any, trainer_state: dict[str, Any], config_text: str,
                     rng: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
-                    started: bool = False) -> Path:
+                    started: bool = False, processor: Any = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (rank 0); returns its path.
 
     ``optimizer_state``: :func:`full_optimizer_state`; ``None`` with ``started=True``: DeepSpeed already wrote the
     optimizer state into the folder (:func:`save_deepspeed_state`). ``state_dict``: the full weights when
-    ``model``'s own are sharded (gathered by the caller).
+    ``model``'s own are sharded (gathered by the caller). ``processor``: saved beside the weights, so that
+    ``checkpoint-<step>/model`` loads by path (``mpo eval``, ``mpo models info``) like ``final/``.
     """
     final = output_dir / f"checkpoint-{step}"
     tmp = _tmp(output_dir, step) if started else start_checkpoint(output_dir, step)
     if optimizer_state is None and not (tmp / _DS_DIR).is_dir():
         raise ValueError(f"{tmp}: no optimizer state (neither an optimizer state nor a {_DS_DIR}/ folder)")
     model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
+    if processor is not None:
+        processor.save_pretrained(tmp / "model")
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

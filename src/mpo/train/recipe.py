@@ -111,6 +111,7 @@ class Run:
     start_step: int = 0
     config_text: str = ""
     share_vision: str = ""  # "features" (tower + projector frozen), "tower" (tower frozen), "": none
+    processor: Any = None  # saved with every checkpoint and final/
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         elif replayable_tower(backbone) and zero_stage != 3:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
-               rejects, metrics, start_step, config_text, share_vision)
+               rejects, metrics, start_step, config_text, share_vision, processor)
 
 
 def _start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
@@ -480,7 +481,7 @@ def save(run: Run, step: int) -> None:
                  "log_bytes": ckpt.log_sizes(out)}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
-                             started=deepspeed)
+                             started=deepspeed, processor=run.processor)
         ckpt.prune_checkpoints(out, run.cfg.train.save_total_limit)
     acc.wait_for_everyone()
 
@@ -511,4 +512,4 @@ def export_final(run: Run) -> None:
     out = Path(run.cfg.train.output_dir) / "final"
     model = acc.unwrap_model(run.scorer).model
     model.save_pretrained(out, safe_serialization=True, state_dict=weights)
-    load_processor(run.cfg.model.path, trust_remote_code=run.cfg.model.trust_remote_code).save_pretrained(out)
+    run.processor.save_pretrained(out)
