@@ -67,3 +67,20 @@ def test_eval_table_says_how_many_rows_were_skipped_and_why(tiny_qwen2_dir, demo
     table = report.table()
     assert table.splitlines()[0].split()[:3] == ["dataset", "pairs", "skipped"]
     assert "81 rows skipped, e.g.:" in table and "the model is text-only" in table
+
+
+def test_a_run_started_with_relative_paths_is_evaluated_from_anywhere(demo_model, demo_data, tmp_path, monkeypatch):
+    """config.yaml records paths that exist as absolute ones: `mpo eval RUN` from another folder found no base
+    model (or, worse, another folder of the same name) for the reference."""
+    import os
+    import shutil
+
+    shutil.copytree(demo_model, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    run_train(run_config("base", demo_data / "meta.json", "run", "train.max_steps=1"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model, reference = resolve_run_model(tmp_path / "run")
+    assert (model, reference) == (str(tmp_path / "run" / "final"), str(tmp_path / "base"))
+    assert os.path.isabs(reference)

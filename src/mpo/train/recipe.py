@@ -129,7 +129,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     if latest is None:
         _start_afresh(out, accelerator, resume)
     set_seed(cfg.train.seed)
-    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    config_text = yaml.safe_dump(_local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", config_text)
 
@@ -224,6 +224,17 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision, processor)
+
+
+def _local_paths_absolute(config: dict) -> dict:
+    """The config as written to ``config.yaml``: paths that exist here made absolute, so that ``mpo eval RUN`` finds
+    the base model from any working directory (a hub id is left as it is). The run itself keeps the paths as
+    given: the reference cache's fingerprint compares them as text."""
+    for section, key in (("model", "path"), ("data", "meta_path"), ("train", "ref_cache"), ("train", "deepspeed")):
+        value = config[section][key]
+        if value and Path(value).exists():
+            config[section][key] = str(Path(value).resolve())
+    return config
 
 
 def _start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
