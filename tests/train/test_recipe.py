@@ -354,3 +354,26 @@ def test_ipo_trains_with_each_answers_token_count(demo_model, demo_data, tmp_pat
     assert chosen.min() > 0 and chosen.shape == (batch.num_pairs,)
     result = train(run)
     assert result.steps == 2 and "loss/ipo" in result.last_metrics
+
+
+def test_a_lora_runs_final_model_is_merged_and_loads_by_path(demo_model, demo_data, tmp_path):
+    """final/ of a LoRA run held the adapter alone (no config.json): mpo eval and transformers could not load it.
+    It is now the base with the adapter merged in, scoring what base + adapter scores; the adapter is kept in
+    final/adapter."""
+    from peft import PeftModel
+
+    from mpo.models import load_model
+    from mpo.train.forward import PairScorer
+
+    cfg = run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "model.lora.r=4", "train.max_steps=2",
+                     "train.learning_rate=1e-2")
+    run_train(cfg)
+    final = tmp_path / "run" / "final"
+    merged = load_model(final).eval()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    adapted = PeftModel.from_pretrained(load_model(demo_model), final / "adapter").eval()
+    batch, _ = next(iter(setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "probe")).loader))
+    with torch.no_grad():
+        a, b, base = PairScorer(merged)(batch), PairScorer(adapted)(batch), PairScorer(load_model(demo_model))(batch)
+    torch.testing.assert_close(a.chosen_logps, b.chosen_logps, atol=1e-4, rtol=1e-5)
+    assert (a.chosen_logps - base.chosen_logps).abs().max() > 1e-3  # the adapter did change the model

@@ -515,12 +515,18 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
 
 
 def export_final(run: Run) -> None:
-    """``output_dir/final``: the trained model + processor, loadable by path like any checkpoint."""
+    """``output_dir/final``: the trained model + processor, loadable by path (LoRA: merged, adapter in
+    ``final/adapter``; under ZeRO-3 or FSDP2 the adapter alone)."""
     acc = run.accelerator
     weights = _model_state(run)  # on every rank: gathering ZeRO-3 partitions is collective
     if not acc.is_main_process:
         return
     out = Path(run.cfg.train.output_dir) / "final"
     model = acc.unwrap_model(run.scorer).model
+    if hasattr(model, "merge_and_unload") and weights is None:
+        # LoRA: the adapter alone (PEFT's format) in final/adapter, and final/ the base with the adapter merged in,
+        # so that final/ loads by path like a full fine-tune (mpo eval, transformers, vLLM). The run ends here.
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True, state_dict=weights)
     run.processor.save_pretrained(out)
