@@ -233,6 +233,15 @@ def test_lora_reference_is_the_model_with_adapters_off(demo_model, demo_data, tm
     assert adapted and all("language_model" in n for n in adapted)  # never the vision tower's q_proj/v_proj
 
 
+def test_lora_with_drop_path_is_refused(demo_model, demo_data, tmp_path):
+    """With LoRA the reference is the policy with its adapters off: drop path (the 8B+ presets) made it random
+    (rewards already non-zero at step 1)."""
+    with pytest.raises(TrainingError, match=r"model.lora.r=4 with model.drop_path_rate=0.1: the LoRA reference is "
+                                            r"the model with its adapters off.*set model.drop_path_rate=0$"):
+        setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "model.lora.r=4",
+                         "model.drop_path_rate=0.1"))
+
+
 def test_global_batch_size_derives_accumulation(demo_model, demo_data, tmp_path):
     run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.global_batch_size=8"))
     assert run.cfg.train.gradient_accumulation_steps == 2

@@ -30,9 +30,9 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from mpo.config import to_dict
+from mpo.config import ConfigError, to_dict
 from mpo.data.encode import PairEncoder
-from mpo.data.errors import DataError, RowError
+from mpo.data.errors import DataError
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.rejects import RejectedRowLog, handle_bad_row
@@ -73,8 +73,11 @@ from mpo.train.setup import (
     gathered_vision,
     keep_used_weight_conversions,
     load_reference,
+    local_paths_absolute,
     param_ndim,
+    require_usable_rows,
     set_seed,
+    start_afresh,
 )
 
 __all__ = ["TrainingError", "TrainResult", "run_train"]
@@ -127,9 +130,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is None:
-        _start_afresh(out, accelerator, resume)
+        start_afresh(out, accelerator, resume)
     set_seed(cfg.train.seed)
-    config_text = yaml.safe_dump(_local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+    config_text = yaml.safe_dump(local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", config_text)
 
@@ -149,6 +152,10 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     if reference is not None and zero_stage < 3:
         reference.to(accelerator.device)
     if cfg.model.lora.r > 0:
+        if cfg.model.drop_path_rate > 0:  # the 8B+ presets set 0.1 or 0.4
+            raise TrainingError(f"model.lora.r={cfg.model.lora.r} with model.drop_path_rate="
+                                f"{cfg.model.drop_path_rate}: the LoRA reference is the model with its adapters "
+                                "off, and drop path would make its scores random; set model.drop_path_rate=0")
         model = add_lora(model, cfg.model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -170,7 +177,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
     rejects = RejectedRowLog(out / ckpt.REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
-        _require_usable_rows(dataset, cfg, rejects)
+        require_usable_rows(dataset, cfg, rejects)
 
     order = ResumableOrder(len(dataset), per_device=tc.per_device_batch_size, accumulation=tc.gradient_accumulation_steps,
                            world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.data.seed)
@@ -224,47 +231,6 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision, processor)
-
-
-def _local_paths_absolute(config: dict) -> dict:
-    """The config as written to ``config.yaml``: paths that exist here made absolute, so that ``mpo eval RUN`` finds
-    the base model from any working directory (a hub id is left as it is). The run itself keeps the paths as
-    given: the reference cache's fingerprint compares them as text."""
-    for section, key in (("model", "path"), ("data", "meta_path"), ("train", "ref_cache"), ("train", "deepspeed")):
-        value = config[section][key]
-        if value and Path(value).exists():
-            config[section][key] = str(Path(value).resolve())
-    return config
-
-
-def _start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
-    """A run that does not resume starts in a folder without another run's checkpoints or final model (its
-    checkpoints would mix with this run's: ``--resume`` and ``save_total_limit`` pick the newest by step number,
-    whichever run wrote it). Logs of an earlier attempt that saved nothing are started anew, not appended to."""
-    earlier = ckpt.saved_runs(out)
-    if earlier:
-        how = "it has no complete checkpoint to resume from" if resume else "continue it with --resume"
-        raise TrainingError(f"{out} already holds another run ({', '.join(earlier[:3])}"
-                            f"{', ...' if len(earlier) > 3 else ''}): {how}, or set train.output_dir to a new folder")
-    if accelerator.is_main_process:
-        for path in ckpt.restart_logs(out):
-            log.warning("%s: started anew (the earlier attempt in this folder saved no checkpoint)", path)
-    accelerator.wait_for_everyone()
-
-
-def _require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: RejectedRowLog) -> None:
-    """Fail before training when no row of the mixture can be used (scans only until the first good row). The bad
-    rows it meets on the way are reported by training when it reaches them (once), or here when none is usable."""
-    if len(dataset) == 0:
-        raise TrainingError(f"{cfg.data.meta_path}: the meta file yields no rows (every repeat_time is 0 or every "
-                            "annotation file is empty)")
-    for i in range(len(dataset)):
-        if not isinstance(dataset[i], RowError):
-            return
-    for i in range(len(dataset)):
-        handle_bad_row(dataset[i], cfg.data.on_bad_row, rejects)
-    raise TrainingError(f"{cfg.data.meta_path}: none of the {len(dataset)} rows is usable; the reasons are in "
-                        f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
 
 
 def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
@@ -501,6 +467,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
     """Set up and train; writes checkpoints and the final model under ``cfg.train.output_dir``."""
     try:
         run = setup(cfg, resume=resume)
+    except ConfigError:
+        raise
     except (DataError, RefCacheError, ValueError) as exc:  # the model, data or settings cannot make this run
         raise TrainingError(str(exc)) from exc
     try:

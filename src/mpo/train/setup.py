@@ -23,15 +23,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from mpo.train.config import ModelConfig
+from mpo.data.errors import RowError
+from mpo.data.rejects import RejectedRowLog, handle_bad_row
+from mpo.train import checkpoint as ckpt
+from mpo.train.config import ModelConfig, RunConfig
+from mpo.train.data import EncodedPairs
 from mpo.train.forward import PairScorer
 
 __all__ = ["ModelParts", "model_parts", "apply_freezing", "disable_dropout", "add_lora", "make_reference",
            "count_parameters", "apply_vision_drop_path", "freeze_train_mode", "set_seed", "param_ndim",
            "deepspeed_config", "keep_used_weight_conversions", "ScoreTensors", "Zero3PairScorer",
-           "load_reference", "deepspeed_reference", "gathered_vision"]
+           "load_reference", "deepspeed_reference", "gathered_vision", "local_paths_absolute", "start_afresh",
+           "require_usable_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -315,3 +321,52 @@ def gathered_vision(model: nn.Module, zero_stage: int) -> contextlib.AbstractCon
     parts = model_parts(model)
     params = [p for m in (*parts.vision, *parts.projector) for p in m.parameters()]
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder and the data, before training
+
+
+def local_paths_absolute(config: dict) -> dict:
+    """The config as written to ``config.yaml``: paths that exist here made absolute, so that ``mpo eval RUN`` finds
+    the base model from any working directory (a hub id is left as it is). The run itself keeps the paths as
+    given: the reference cache's fingerprint compares them as text."""
+    for section, key in (("model", "path"), ("data", "meta_path"), ("train", "ref_cache"), ("train", "deepspeed")):
+        value = config[section][key]
+        if value and Path(value).exists():
+            config[section][key] = str(Path(value).resolve())
+    return config
+
+
+def start_afresh(out: Path, accelerator: Accelerator, resume: bool) -> None:
+    """A run that does not resume starts in a folder without another run's checkpoints or final model (its
+    checkpoints would mix with this run's: ``--resume`` and ``save_total_limit`` pick the newest by step number,
+    whichever run wrote it). Logs of an earlier attempt that saved nothing are started anew, not appended to."""
+    from mpo.train.accelerator import TrainingError  # accelerator imports this module
+
+    earlier = ckpt.saved_runs(out)
+    if earlier:
+        how = "it has no complete checkpoint to resume from" if resume else "continue it with --resume"
+        raise TrainingError(f"{out} already holds another run ({', '.join(earlier[:3])}"
+                            f"{', ...' if len(earlier) > 3 else ''}): {how}, or set train.output_dir to a new folder")
+    if accelerator.is_main_process:
+        for path in ckpt.restart_logs(out):
+            log.warning("%s: started anew (the earlier attempt in this folder saved no checkpoint)", path)
+    accelerator.wait_for_everyone()
+
+
+def require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: RejectedRowLog) -> None:
+    """Fail before training when no row of the mixture can be used (scans only until the first good row). The bad
+    rows it meets on the way are reported by training when it reaches them (once), or here when none is usable."""
+    from mpo.train.accelerator import TrainingError  # accelerator imports this module
+
+    if len(dataset) == 0:
+        raise TrainingError(f"{cfg.data.meta_path}: the meta file yields no rows (every repeat_time is 0 or every "
+                            "annotation file is empty)")
+    for i in range(len(dataset)):
+        if not isinstance(dataset[i], RowError):
+            return
+    for i in range(len(dataset)):
+        handle_bad_row(dataset[i], cfg.data.on_bad_row, rejects)
+    raise TrainingError(f"{cfg.data.meta_path}: none of the {len(dataset)} rows is usable; the reasons are in "
+                        f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
