@@ -218,7 +218,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:map", _UniqueKeyLoader.construct_mapping)  # every mapping
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -228,12 +228,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))  # the safe loader, duplicate keys refused
         try:
-            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+            loaded = loader.get_single_data()
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        finally:
+            loader.dispose()
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
