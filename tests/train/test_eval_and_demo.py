@@ -84,3 +84,13 @@ def test_a_run_started_with_relative_paths_is_evaluated_from_anywhere(demo_model
     model, reference = resolve_run_model(tmp_path / "run")
     assert (model, reference) == (str(tmp_path / "run" / "final"), str(tmp_path / "base"))
     assert os.path.isabs(reference)
+
+
+def test_eval_of_a_run_uses_the_runs_beta(demo_model, demo_data, tmp_path):
+    """The reward margin is β times the log-ratio margin: eval took β 0.1 whatever the run trained with."""
+    run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.max_steps=2", "loss.beta=0.5"))
+    kw = dict(max_length=512, max_dynamic_patch=1)
+    own = run_eval(str(tmp_path / "run"), str(demo_data / "meta_heldout.json"), **kw)
+    tenth = run_eval(str(tmp_path / "run"), str(demo_data / "meta_heldout.json"), beta=0.1, **kw)
+    assert own.overall["mean_reward_margin"] == pytest.approx(5 * tenth.overall["mean_reward_margin"], rel=1e-6)
+    assert tenth.overall["mean_reward_margin"] != 0.0

@@ -46,7 +46,7 @@ def eval_(
     model: str = typer.Option(..., "--model", help="Model folder, or a training output folder."),
     meta: Path = typer.Option(..., "--meta", help="Held-out meta.json."),
     reference: str = typer.Option(None, "--reference", help="Reference model (default: the run's base model)."),
-    beta: float = typer.Option(0.1, help="β of the implicit reward."),
+    beta: float = typer.Option(None, help="β of the implicit reward (default: the run's loss.beta, else 0.1)."),
     batch_size: int = typer.Option(8, min=1, help="Pairs per forward."),
     max_length: int = typer.Option(16384, help="Longer pairs are skipped and reported."),
     max_dynamic_patch: int = typer.Option(12, help="Tile budget per row."),

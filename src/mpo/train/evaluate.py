@@ -106,9 +106,20 @@ def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, p
         yield batch.sources, scores.chosen_logps, scores.rejected_logps, errors
 
 
-def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float = 0.1,
+def _run_beta(model_path: str | Path) -> float | None:
+    """``loss.beta`` of the run that trained ``model_path`` (a run folder or its ``final``), if it is one."""
+    path = Path(model_path)
+    for cfg in (path / "config.yaml", path.parent / "config.yaml"):
+        if cfg.is_file():
+            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get("loss", {}).get("beta")
+    return None
+
+
+def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float | None = None,
              max_length: int = 16384, max_dynamic_patch: int = 12, batch_size: int = 8, blank_images: bool = False,
              trust_remote_code: bool = False, seed: int = 42) -> EvalReport:
+    if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
+        beta = _run_beta(model_path) or 0.1
     model_path, recorded = resolve_run_model(model_path)
     reference = reference if reference is not None else recorded
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
