@@ -143,7 +143,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
         """(pairs of this rank in the step, their row errors, the batch to score or None, whether to write it)."""
         spare = None  # lock-step: a usable batch to score when this rank has none of its own in a step
         for b in range(n_batches):
-            with timing.waiting():
+            with timing.adding_to("waiting_s"):
                 n_items, errors, batch = next(source) if b < len(plan) else (0, [], None)
             if batch is not None:
                 spare = batch
@@ -161,7 +161,7 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                 for err in errors:
                     rejects.write(err)
                 if batch is not None:
-                    with timing.scoring():
+                    with timing.adding_to("scoring_s"):
                         scores = scorer(batch.to(acc.device))
                         if acc.device.type == "cuda":  # the kernels end here, not in the next batch's wait
                             torch.cuda.synchronize(acc.device)
@@ -195,16 +195,11 @@ class PrecomputeTiming:
     waiting_s: float = 0.0
 
     @contextmanager
-    def scoring(self):
+    def adding_to(self, field: str):
+        """Add the wall time of the ``with`` block to ``field`` (``"scoring_s"`` or ``"waiting_s"``)."""
         t = time.perf_counter()
         yield
-        self.scoring_s += time.perf_counter() - t
-
-    @contextmanager
-    def waiting(self):
-        t = time.perf_counter()
-        yield
-        self.waiting_s += time.perf_counter() - t
+        setattr(self, field, getattr(self, field) + time.perf_counter() - t)
 
     def __str__(self) -> str:
         text = f"{self.total_s:.1f} s: reference forward {self.scoring_s:.1f} s, waiting for batches {self.waiting_s:.1f} s"

@@ -318,7 +318,9 @@ def _train_steps(run: Run, batches) -> TrainResult:
             if batch is None:  # every pair of this micro-batch was bad; it was logged
                 if not lockstep:
                     continue
-                batch, weight = spare if spare is not None else run.loader.collate_fn([first_usable(run.loader.dataset)])[0], 0.0
+                if spare is None:  # the rank's first micro-batch: any usable pair of the data
+                    spare = run.loader.collate_fn([first_usable(run.loader.dataset)])[0]
+                batch, weight = spare, 0.0
             spare = batch
             batch = batch.to(acc.device)
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.scorer)
