@@ -77,6 +77,18 @@ def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
 
 
+def test_resume_with_another_global_batch_is_refused(demo_model, demo_data, tmp_path):
+    """The saved data position counts steps of 4 pairs: resumed at 2 pairs a step it would point at other pairs."""
+    meta = demo_data / "meta.json"
+    run_train(run_config(demo_model, meta, tmp_path / "run", "train.max_steps=2", "train.save_steps=2"))
+    with pytest.raises(TrainingError, match=r"--resume: .*checkpoint-2 was written with 4 pairs per optimizer step "
+                                            r".* and this run has 2: .* resume with train.global_batch_size=4$"):
+        run_train(run_config(demo_model, meta, tmp_path / "run", "train.max_steps=4",
+                             "train.per_device_batch_size=2"), resume=True)
+    assert run_train(run_config(demo_model, meta, tmp_path / "run", "train.max_steps=4", "train.per_device_batch_size=2",
+                                "train.gradient_accumulation_steps=2"), resume=True).steps == 4
+
+
 def test_nonfinite_loss_stops_and_names_the_step(demo_model, demo_data, tmp_path):
     run = setup(run_config(demo_model, demo_data / "meta.json", tmp_path / "run"))
     with torch.no_grad():

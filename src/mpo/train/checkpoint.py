@@ -27,13 +27,20 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from mpo.fsio import atomic_write_json, replace_dir
+from mpo.train.data import DataPosition
 from mpo.train.metrics import METRICS_FILE
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from mpo.data.rejects import RejectedRowLog
 
 __all__ = ["save_checkpoint", "start_checkpoint", "save_deepspeed_state", "load_deepspeed_state",
            "full_optimizer_state", "full_weights", "retie", "load_full_weights", "latest_checkpoint",
@@ -277,3 +284,50 @@ def restart_logs(output_dir: Path) -> list[Path]:
     for path in emptied:
         path.write_bytes(b"")
     return emptied
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resuming a run
+
+
+def require_same_global_batch(path: Path, global_batch: int) -> None:
+    """The saved data position counts steps of the checkpoint's global batch; with another one it points at other
+    pairs (some trained twice, some never)."""
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved = state.get("global_batch")
+    if saved is not None and saved != global_batch:
+        raise ValueError(f"--resume: {path} was written with {saved} pairs per optimizer step (per-device batch × "
+                            f"accumulation × processes) and this run has {global_batch}: its data position would "
+                            f"point at other pairs; resume with train.global_batch_size={saved}")
+
+
+def restore_run(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
+                rejects: RejectedRowLog) -> tuple[int, DataPosition]:
+    """Load a run's checkpoint ``path`` into the prepared model, optimizer, scheduler and δ; cut its logs back to
+    the checkpoint; returns (step, data position). Collective under several processes."""
+    model = accelerator.unwrap_model(scorer).model
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # weights (the fp32 master partitions under ZeRO) and optimizer state from DeepSpeed's own per-rank files
+        load_deepspeed_state(path, scorer, accelerator.num_processes)
+        optimizer = None
+    elif hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
+    else:
+        # through from_pretrained, so that transformers' checkpoint key mapping applies both ways; read by rank 0
+        # alone and broadcast (into each rank's shard under FSDP2)
+        saved = None
+        if accelerator.is_main_process:
+            saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype).state_dict()
+        load_full_weights(model, saved)
+        del saved
+    trainer_state = load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    delta.load_state_dict(trainer_state["delta"])
+    if accelerator.is_main_process:  # steps and rows after the checkpoint come again: log them once, not twice
+        cut_logs(path.parent, trainer_state.get("log_bytes", {}))
+    accelerator.wait_for_everyone()
+    rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
+    pos = trainer_state["position"]
+    return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])

@@ -206,8 +206,9 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
+        ckpt.require_same_global_batch(latest, order.global_batch)
         try:
-            start_step, position = _restore(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
+            start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
         except ValueError as exc:  # written by another engine (DeepSpeed or not)
             raise TrainingError(f"--resume: {exc}") from None
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
@@ -231,36 +232,6 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
                rejects, metrics, start_step, config_text, share_vision, processor)
-
-
-def _restore(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
-             rejects: RejectedRowLog) -> tuple[int, DataPosition]:
-    model = accelerator.unwrap_model(scorer).model
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # weights (the fp32 master partitions under ZeRO) and optimizer state from DeepSpeed's own per-rank files
-        ckpt.load_deepspeed_state(path, scorer, accelerator.num_processes)
-        optimizer = None
-    elif hasattr(model, "get_base_model"):  # LoRA: only adapter weights were saved
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
-    else:
-        # through from_pretrained, so that transformers' checkpoint key mapping applies both ways; read by rank 0
-        # alone and broadcast (into each rank's shard under FSDP2)
-        saved = None
-        if accelerator.is_main_process:
-            saved = type(model).from_pretrained(path / "model", dtype=next(model.parameters()).dtype).state_dict()
-        ckpt.load_full_weights(model, saved)
-        del saved
-    trainer_state = ckpt.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
-    delta.load_state_dict(trainer_state["delta"])
-    if accelerator.is_main_process:  # steps and rows after the checkpoint come again: log them once, not twice
-        ckpt.cut_logs(path.parent, trainer_state.get("log_bytes", {}))
-    accelerator.wait_for_everyone()
-    rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
-    pos = trainer_state["position"]
-    return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])
 
 
 def _pad_id(processor) -> int:
@@ -456,7 +427,7 @@ def save(run: Run, step: int) -> None:
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
-                 "world_size": acc.num_processes,
+                 "world_size": acc.num_processes, "global_batch": run.order.global_batch,
                  "log_bytes": ckpt.log_sizes(out)}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
