@@ -51,8 +51,8 @@ class EncodedPairs(Dataset):
         """``augment_seed``: apply ``data_augment`` (:mod:`mpo.data.augment`) with this seed, as training and the
         reference precompute do; None (evaluation) never augments."""
         self.mixture, self.encoder, self.blank_images = mixture, encoder, blank_images
-        self.augment_seed = augment_seed
         augmented = [s.name for s in mixture.specs if s.data_augment and s.repeat_time > 0]
+        self.augment_seed = augment_seed if augmented else None  # None: no per-item dataset lookup at all
         if augment_seed is not None and augmented and not encoder.tiles:
             raise MetaError(f"{', '.join(augmented)}: data_augment re-encodes InternVL's image tiles as JPEG; "
                             f"{type(encoder.processor).__name__} does not tile images (set data_augment: false)")
