@@ -111,6 +111,8 @@ def prepare_model(work: Path, arch: str, dims: str) -> Path:
     stamp = out / "bench_spec.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return out
+    if stamp.is_file():  # the bench's own folder of other dims (or from before mpo_tiny.json): built anew
+        shutil.rmtree(out)
     build_tiny(out, arch, image_size=448, patch_size=14, max_patches=4, **MODEL_DIMS[dims])
     stamp.write_text(json.dumps(spec))
     return out

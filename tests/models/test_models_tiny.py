@@ -139,8 +139,22 @@ def test_build_errors(tmp_path):
         build_tiny(tmp_path / "m", "internvl", patch_size=16, image_size=48)  # 3x3 patches: odd
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"notes: exists and is not a model folder \(no config\.json\); "
-                                              r"refusing to replace it$"):
+    with pytest.raises(FileExistsError, match=r"notes: exists and is not a model folder \(no mpo_tiny\.json\); "
+                                              r"refusing to replace it: delete it yourself or choose another folder$"):
         build_tiny(tmp_path / "notes", "qwen2")
     assert (tmp_path / "notes" / "x.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary folder left behind
+
+
+def test_only_a_tiny_model_is_replaced(tmp_path):
+    """A real checkpoint or a trained run (config.json, weights) is never replaced; an earlier tiny model is."""
+    first = build_tiny(tmp_path / "m", "qwen2", vocab_size=400)
+    assert json.loads((first / "mpo_tiny.json").read_text())["arch"] == "qwen2"
+    build_tiny(tmp_path / "m", "qwen2", vocab_size=400, seed=1)
+    assert json.loads((first / "mpo_tiny.json").read_text())["seed"] == 1
+    (first / "mpo_tiny.json").unlink()  # now it looks like any downloaded checkpoint or a run's final/
+    weights = (first / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"m: holds a model that `mpo models tiny` did not write \(no "
+                                              r"mpo_tiny\.json\); refusing to replace it"):
+        build_tiny(tmp_path / "m", "qwen2", vocab_size=400)
+    assert (first / "model.safetensors").read_bytes() == weights

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -12,7 +14,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 @app.command("tiny")
 def tiny(
-    out: Path = typer.Argument(..., help="Folder to write (new, empty, or an earlier model: it is replaced)."),
+    out: Path = typer.Argument(..., help="Folder to write: new, empty, or an earlier `mpo models tiny` model "
+                                         "(replaced); any other folder is refused."),
     arch: str = typer.Option("internvl", "--arch", help="internvl | qwen2_5_vl | qwen2 (text-only)."),
     corpus: list[Path] = typer.Option([], "--corpus", exists=True, dir_okay=False,
                                       help="Extra tokenizer text: .txt lines or .jsonl string fields (repeatable)."),
@@ -26,8 +29,11 @@ def tiny(
     from mpo.models import build_tiny, read_corpus
 
     try:
-        path = build_tiny(out, arch, corpus=read_corpus(corpus), image_size=image_size, patch_size=patch_size,
-                          max_patches=max_patches, vocab_size=vocab_size, seed=seed)
+        # stdout holds the path alone (M=$(mpo models tiny DIR)); save_pretrained imports DeepSpeed where it is
+        # installed, and DeepSpeed's logger writes to stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            path = build_tiny(out, arch, corpus=read_corpus(corpus), image_size=image_size, patch_size=patch_size,
+                              max_patches=max_patches, vocab_size=vocab_size, seed=seed)
     except (ValueError, FileExistsError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None

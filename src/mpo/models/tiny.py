@@ -28,7 +28,10 @@ import torch
 
 from mpo.fsio import replace_dir
 
-__all__ = ["ARCHS", "build_tiny", "default_corpus", "read_corpus"]
+__all__ = ["ARCHS", "TINY_MARKER", "build_tiny", "default_corpus", "read_corpus"]
+
+# written into every tiny model folder: the only folders build_tiny may replace
+TINY_MARKER = "mpo_tiny.json"
 
 ARCHS = ("internvl", "qwen2_5_vl", "qwen2")
 
@@ -287,15 +290,19 @@ def build_tiny(out_dir: str | Path, arch: str = "internvl", *, corpus: list[str]
 
     Deterministic for a given ``seed`` and corpus (same weights, same ``tokenizer.json``). The folder is
     written next to ``out_dir`` first and moved into place, so a crash never leaves half a model. An
-    existing ``out_dir`` is replaced only if it is empty or holds a ``config.json`` (a previous model).
+    existing ``out_dir`` is replaced only if it is empty or was written by this function (it holds
+    ``mpo_tiny.json``, which records the arguments): a real checkpoint or a trained run is never replaced.
     ``image_size``/``patch_size`` set one tile (InternVL) or the largest image (Qwen2.5-VL: at most
     ``image_size**2`` pixels, ``patch_size`` ViT patches merged 2x2).
     """
     if arch not in _BUILDERS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise FileExistsError(f"{out}: exists and is not a model folder (no config.json); refusing to replace it")
+    if out.exists() and any(out.iterdir()) and not (out / TINY_MARKER).is_file():
+        what = ("holds a model that `mpo models tiny` did not write" if (out / "config.json").exists()
+                else "exists and is not a model folder")
+        raise FileExistsError(f"{out}: {what} (no {TINY_MARKER}); refusing to replace it: delete it yourself or "
+                              "choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     args = dict(vocab_size=vocab_size, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden,
                 text_layers=text_layers, vision_hidden=vision_hidden, vision_layers=vision_layers,
@@ -304,6 +311,8 @@ def build_tiny(out_dir: str | Path, arch: str = "internvl", *, corpus: list[str]
     tmp.chmod(0o755)  # mkdtemp makes 0700; a model folder should be as readable as any other
     try:
         _BUILDERS[arch](default_corpus() + list(corpus or []), tmp, args)
+        (tmp / TINY_MARKER).write_text(json.dumps({"arch": arch, **args, "extra_corpus_lines": len(corpus or [])},
+                                                  indent=1) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

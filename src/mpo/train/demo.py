@@ -47,6 +47,8 @@ def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, 
     t0 = time.perf_counter()
     data = out / "data"
     write_demo(data, n=n_pairs, n_heldout=n_heldout, seed=seed)
+    # the demo's own model, built anew each time like its run (a folder from before mpo_tiny.json has no marker)
+    shutil.rmtree(out / "tiny-internvl", ignore_errors=True)
     model_dir = build_tiny(out / "tiny-internvl", "internvl", corpus=demo_corpus(data), seed=seed)
     heldout = str(data / "meta_heldout.json")
     eval_kw = dict(max_length=512, max_dynamic_patch=1, batch_size=64)
