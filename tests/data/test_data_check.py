@@ -171,11 +171,14 @@ def test_token_lengths_with_a_processor(tiny_demo):
     """The check reports exactly what PairEncoder.plan_length gives row by row, and counts pairs over the cut."""
     from mpo.data import PreferenceMixture, read_meta
     from mpo.data.encode import PairEncoder
+    from mpo.data.system import INTERNVL_SYSTEM_PROMPT, resolve_system_prompt
     from mpo.models import load_processor
 
     meta, model = tiny_demo
     processor = load_processor(model)
-    mix, encoder = PreferenceMixture(read_meta(meta)), PairEncoder(processor)
+    system = resolve_system_prompt(processor, "auto")  # training's default, which the check measures with
+    assert system == INTERNVL_SYSTEM_PROMPT
+    mix, encoder = PreferenceMixture(read_meta(meta)), PairEncoder(processor, system_prompt=system)
     expected: dict[str, list[int]] = {}
     for i in range(len(mix)):
         record = mix.record(i)

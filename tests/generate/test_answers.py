@@ -318,9 +318,17 @@ def test_anls_score_values() -> None:
 
 @pytest.mark.parametrize("name,mode", [("chartqa_en_20k", "relaxed"), ("ChartQA", "relaxed"),
                                        ("docvqa_train", "anls"), ("infographics_vqa", "anls"),
-                                       ("InfographicsVQA", "anls"), ("geoqa+", "auto"), ("CLEVR_math", "auto")])
+                                       ("InfographicsVQA", "anls"), ("geoqa+", "auto"), ("CLEVR_math", "auto"),
+                                       ("geometry3k_en_20240402_extracted", "auto"), ("SROIE_information", "auto")])
 def test_mode_for_dataset(name: str, mode: str) -> None:
     assert mode_for_dataset(name) == mode
+
+
+@pytest.mark.parametrize("gt,pred", [("40", "41"), ("12.5", "12.9"), ("12.50", "12.90")])
+def test_exact_math_files_get_no_five_percent(gt: str, pred: str) -> None:
+    """The seed judged SROIE, CLEVR_math, geos and geometry with a 5 % tolerance; ours does not (docs)."""
+    assert check_answer(pred, gt, mode_for_dataset("CLEVR_math_en_20240402_extracted")) is False
+    assert check_answer(pred, gt, "relaxed") is True  # ChartQA keeps it
 
 
 def test_fix_answer_rewrites_only_correct_option_answers() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mpo.data.system import INTERNVL_SYSTEM_PROMPT
 from mpo.generate.samplers import (
     HFSampler,
     SampleRequest,
@@ -132,10 +133,21 @@ def test_hf_sampler_rejects_a_seed_count_that_is_not_n(internvl_sampler):
 
 
 def test_continue_final_message_renders_an_open_assistant_turn(internvl_sampler):
+    """After InternVL's system line (``--system-prompt auto``: lmdeploy's template writes it for the seed)."""
+    system = f"<|im_start|>system\n{INTERNVL_SYSTEM_PROMPT}<|im_end|>\n"
     text = internvl_sampler._render(_continue_request([1]))
-    assert text == "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\nThe square is"
+    assert text == system + "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\nThe square is"
     empty = internvl_sampler._render(_continue_request([1], prefix=""))
-    assert empty == "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n"
+    assert empty == system + "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_system_prompt_none_or_a_requests_own_system_turn(tiny_internvl_dir, internvl_sampler):
+    own = _continue_request([1])
+    own = dataclasses.replace(own, messages=[{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                                             *own.messages])
+    assert internvl_sampler._render(own).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    bare = HFSampler(tiny_internvl_dir, system_prompt="none")
+    assert bare._render(_continue_request([1])).startswith("<|im_start|>user\nDescribe it.")
 
 
 def test_decode_stops_at_the_first_end_of_turn(internvl_sampler):

@@ -113,6 +113,7 @@ def test_a_questions_pairs_are_scored_in_one_span_and_equal_pair_by_pair(demo_mo
     from mpo.data.encode import PairEncoder
     from mpo.data.meta import read_meta
     from mpo.data.mixture import PreferenceMixture
+    from mpo.data.system import resolve_system_prompt
     from mpo.models import load_model, load_processor
     from mpo.train.batch import collate_naive
     from mpo.train.data import EncodedPairs
@@ -152,7 +153,8 @@ def test_a_questions_pairs_are_scored_in_one_span_and_equal_pair_by_pair(demo_mo
 
     processor = load_processor(str(demo_model))
     model = load_model(str(demo_model)).eval()
-    pairs = EncodedPairs(PreferenceMixture(read_meta(meta), max_dynamic_patch=1), PairEncoder(processor, max_length=512))
+    encoder = PairEncoder(processor, max_length=512, system_prompt=resolve_system_prompt(processor, "auto"))
+    pairs = EncodedPairs(PreferenceMixture(read_meta(meta), max_dynamic_patch=1), encoder)
     with torch.no_grad():
         for i in range(15):
             pair = pairs[i]

@@ -35,6 +35,8 @@ _IMAGE_ROOT = typer.Option(None, "--image-root", help="Folder relative image pat
 _OUTSIDE = typer.Option(False, "--allow-outside-root", help="Accept absolute image paths and paths outside the root.")
 _REMOTE = typer.Option(False, "--trust-remote-code", help="Run code shipped with the checkpoint.")
 _PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+_SYSTEM = typer.Option("auto", "--system-prompt", help="System message: auto (InternVL: its identity line, as lmdeploy "
+                                                        "writes it; other models: their template's), none, or the text.")
 
 
 @app.command("correctness")
@@ -48,7 +50,7 @@ def correctness(
     seed: int = _SEED,
     prompt_version: str = typer.Option("en_v2", "--prompt-version", help="en, zh, en_v2, zh_v2, en_r1 or zh_r1."),
     image_root: str | None = _IMAGE_ROOT, allow_outside_root: bool = _OUTSIDE,
-    trust_remote_code: bool = _REMOTE, progress: bool = _PROGRESS,
+    trust_remote_code: bool = _REMOTE, system_prompt: str = _SYSTEM, progress: bool = _PROGRESS,
 ) -> None:
     """Sample N chain-of-thought responses per prompt (to be paired by answer correctness)."""
     flags = dict(locals())  # first statement: exactly the parameters
@@ -68,7 +70,7 @@ def dropout_ntp(
     seed: int = _SEED,
     start_ratio: float = typer.Option(0.5, "--start-ratio", help="Share of chosen's words kept as the prefix."),
     image_root: str | None = _IMAGE_ROOT, allow_outside_root: bool = _OUTSIDE,
-    trust_remote_code: bool = _REMOTE, progress: bool = _PROGRESS,
+    trust_remote_code: bool = _REMOTE, system_prompt: str = _SYSTEM, progress: bool = _PROGRESS,
 ) -> None:
     """Continue the first --start-ratio of each chosen answer without the image: the rejected answer."""
     flags = dict(locals())  # first statement: exactly the parameters

@@ -51,6 +51,8 @@ def eval_(
     max_length: int = typer.Option(16384, help="Longer pairs are skipped and reported."),
     max_dynamic_patch: int = typer.Option(12, help="Tile budget per row."),
     blank_images: bool = typer.Option(False, "--blank-images", help="Replace every image by a white one (ablation)."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="auto | none | text (default: the run's "
+                                      "data.system_prompt, else auto: InternVL's identity line for InternVL)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
@@ -61,7 +63,7 @@ def eval_(
     try:  # a model or meta file that cannot be used: one line, exit 2 (ModelLoadError is a ValueError)
         report = run_eval(model, str(meta), reference=reference, beta=beta, batch_size=batch_size,
                           max_length=max_length, max_dynamic_patch=max_dynamic_patch, blank_images=blank_images,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, system_prompt=system_prompt)
     except (DataError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -214,8 +214,11 @@ def _make_encoder(processor: Any) -> Any:
         from mpo.data.encode import PairEncoder
     except ImportError as exc:
         raise RuntimeError(f"token lengths need mpo.data.encode.PairEncoder, which cannot be imported: {exc}") from exc
-    # max_length=None: the check measures every pair and compares with max_length itself.
-    return PairEncoder(processor, max_length=None)
+    from mpo.data.system import resolve_system_prompt
+
+    # max_length=None: the check measures every pair and compares with max_length itself; the system message is
+    # training's default (data.system_prompt: auto)
+    return PairEncoder(processor, max_length=None, system_prompt=resolve_system_prompt(processor, "auto"))
 
 
 def _init_worker(processor: Any) -> None:

@@ -121,11 +121,12 @@ class PairEncoder:
     ``max_length`` (tokens, image tokens included) drops longer pairs with ``TooLongError``; None keeps all.
     """
 
-    def __init__(self, processor: Any, *, max_length: int | None = None):
+    def __init__(self, processor: Any, *, max_length: int | None = None, system_prompt: str | None = None):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
         self.processor = processor
         self.max_length = max_length
+        self.system_prompt = system_prompt
         self.multimodal = hasattr(processor, "image_processor")
         self.tokenizer = processor.tokenizer if self.multimodal else processor
         if not (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
@@ -173,8 +174,9 @@ class PairEncoder:
     def prompt_text(self, record: _Record) -> str:
         """The rendered prompt (chat template, ``add_generation_prompt=True``), image placeholders unexpanded."""
         messages: list[dict[str, Any]] = []
-        if record.system_prompt is not None:
-            messages.append({"role": "system", "content": self._content(record.system_prompt)})
+        system = record.system_prompt if record.system_prompt is not None else self.system_prompt
+        if system is not None:
+            messages.append({"role": "system", "content": self._content(system)})
         user = question_content(record.question) if self.multimodal else record.question
         messages.append({"role": "user", "content": user})
         return self._render(messages, add_generation_prompt=True)

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from mpo.data.system import resolve_system_prompt
+
 __all__ = [
     "HFSampler",
     "Sample",
@@ -160,11 +162,12 @@ class HFSampler:
     """transformers backend: one model on one device (``mpo.models.load_model``/``load_processor``)."""
 
     def __init__(self, model_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                 dynamic: bool = True, max_num: int = 6, trust_remote_code: bool = False):
+                 dynamic: bool = True, max_num: int = 6, trust_remote_code: bool = False, system_prompt: str = "auto"):
         from mpo.models import load_model, load_processor, model_family
 
         self.family = model_family(model_path)
         self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
+        self.system_prompt = resolve_system_prompt(self.processor, system_prompt)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"  # generation appends on the right; every row must end at its prompt
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, dtype=dtype).to(device).eval()
@@ -194,7 +197,7 @@ class HFSampler:
 
     def _render(self, req: SampleRequest) -> str:
         flags = {"continue_final_message": True} if req.continue_final_message else {"add_generation_prompt": True}
-        messages = req.messages
+        messages = with_system(req.messages, self.system_prompt)
         if self.family == "text":  # a tokenizer's template may expect plain-string content
             messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
         return self.processor.apply_chat_template(messages, tokenize=False, **flags)
@@ -238,7 +241,7 @@ class VLLMSampler:
 
     def __init__(self, model_path: str | Path, *, tp: int = 1, dtype: str = "auto", dynamic: bool = True,
                  max_num: int = 6, max_images_per_prompt: int = 1, trust_remote_code: bool = False,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9):
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, system_prompt: str = "auto"):
         try:
             import vllm
         except ImportError as err:
@@ -254,6 +257,9 @@ class VLLMSampler:
         if max_model_len is not None:
             engine["max_model_len"] = max_model_len
         self.llm = vllm.LLM(model=str(model_path), **engine)
+        # the tokenizer's chat template is the one LLM.chat renders
+        self.system_prompt = resolve_system_prompt(self.llm.get_tokenizer(), system_prompt,
+                                                   internvl=self.model_type in ("internvl", "internvl_chat"))
 
     def mm_processor_kwargs(self, n_images: int) -> dict[str, Any] | None:
         """The per-request tile cap in the form this model's vLLM processor reads."""
@@ -275,7 +281,8 @@ class VLLMSampler:
             sps = [self._vllm.SamplingParams(n=n, temperature=params.temperature, top_k=params.top_k or -1,
                                              top_p=params.top_p, max_tokens=params.max_new_tokens,
                                              seed=requests[i].seeds[0]) for i in idxs]
-            outs = self.llm.chat([_vllm_messages(requests[i]) for i in idxs], sps, use_tqdm=False,
+            outs = self.llm.chat([_vllm_messages(requests[i], self.system_prompt) for i in idxs], sps,
+                                 use_tqdm=False,
                                  add_generation_prompt=not cont, continue_final_message=cont,
                                  mm_processor_kwargs=self.mm_processor_kwargs(n_images))
             for i, out in zip(idxs, outs, strict=True):
@@ -284,17 +291,18 @@ class VLLMSampler:
 
 
 def build_sampler(backend: str, model_path: str | Path, *, dtype: str, device: str, tp: int, dynamic: bool,
-                  max_num: int, max_images_per_prompt: int = 1, trust_remote_code: bool = False) -> Sampler:
+                  max_num: int, max_images_per_prompt: int = 1, trust_remote_code: bool = False,
+                  system_prompt: str = "auto") -> Sampler:
     """``HFSampler`` for ``--backend hf``, ``VLLMSampler`` for ``--backend vllm``."""
     if backend == "hf":
         if tp != 1:
             raise ValueError(f"--tp {tp}: tensor parallelism needs --backend vllm (hf runs one model per process)")
         return HFSampler(model_path, dtype=dtype, device=device, dynamic=dynamic, max_num=max_num,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, system_prompt=system_prompt)
     if backend == "vllm":
         return VLLMSampler(model_path, tp=tp, dtype=dtype, dynamic=dynamic,
                            max_num=max_num, max_images_per_prompt=max_images_per_prompt,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, system_prompt=system_prompt)
     raise ValueError(f"--backend must be hf or vllm, got {backend!r}")
 
 
@@ -312,10 +320,17 @@ def _text_of(content: Any) -> str:
     return "".join(item.get("text", "") for item in content)
 
 
-def _vllm_messages(req: SampleRequest) -> list[dict[str, Any]]:
+def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """``messages`` led by a system turn with ``system``, unless it is None or the request brings its own."""
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+
+
+def _vllm_messages(req: SampleRequest, system: str | None = None) -> list[dict[str, Any]]:
     images = iter(req.images)
     messages = []
-    for m in req.messages:
+    for m in with_system(req.messages, system):
         content = m["content"]
         if not isinstance(content, str):
             content = [{"type": "image_pil", "image_pil": next(images)} if c.get("type") == "image" else c

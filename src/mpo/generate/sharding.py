@@ -160,6 +160,7 @@ class GenerateConfig:
     image_root: str | None = field_(default=None, help="where relative image paths start (default: prompt folder)")
     allow_outside_root: bool = field_(default=False, help="accept absolute image paths and paths outside the root")
     trust_remote_code: bool = field_(default=False, help="run code shipped with the checkpoint")
+    system_prompt: str = field_(default="auto", help="auto (InternVL: its identity line), none, or the text")
     progress: bool = field_(default=True, help="show a progress bar")
 
     def sampling_params(self) -> SamplingParams:
@@ -173,7 +174,7 @@ class GenerateConfig:
                 "checkpoint": str(ckpt.resolve()) if ckpt.exists() else self.checkpoint, "backend": self.backend,
                 "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed, "dynamic": self.dynamic,
-                "max_num": self.max_num}
+                "max_num": self.max_num, "system_prompt": self.system_prompt}
 
     def sampler_factory(self, prompts: PromptFile) -> Callable[[], Sampler]:
         """Builds the sampler only when there is work, so a rerun that only merges loads no model."""
@@ -192,7 +193,7 @@ class GenerateConfig:
                 dtype = "bfloat16" if device.startswith("cuda") else "float32"
             return build_sampler(self.backend, self.checkpoint, dtype=dtype, device=device, tp=self.tp,
                                  dynamic=self.dynamic, max_num=self.max_num, max_images_per_prompt=max_images,
-                                 trust_remote_code=self.trust_remote_code)
+                                 trust_remote_code=self.trust_remote_code, system_prompt=self.system_prompt)
 
         return build
 
@@ -204,6 +205,8 @@ class GenerateConfig:
             raise ValueError("--prompt-path is required")
         if not Path(self.prompt_path).is_file():
             raise ValueError(f"--prompt-path {self.prompt_path}: no such file")
+        if not self.system_prompt.strip():
+            raise ValueError("--system-prompt is empty: give the text, 'none' (no system turn) or 'auto'")
 
     def check_backend(self) -> None:
         """Fail before anything is written when the sampler could never be built from these flags: the seed's

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mpo.data.system import INTERNVL_SYSTEM_PROMPT
 from mpo.fsio import replace_dir
 
 __all__ = ["ARCHS", "TINY_MARKER", "build_tiny", "default_corpus", "read_corpus"]
@@ -198,7 +199,10 @@ def _build_internvl(tok_corpus: list[str], out: Path, a: dict[str, Any]) -> None
     size, patch = a["image_size"], a["patch_size"]
     if size % patch or (size // patch) % 2:
         raise ValueError(f"image_size / patch_size must be an even integer (pixel shuffle 0.5), got {size}/{patch}")
-    tok = _train_tokenizer(tok_corpus, a["vocab_size"], _INTERNVL_SPECIALS, INTERNVL_TEMPLATE,
+    # the identity line that mpo adds as InternVL's system message (mpo.data.system): a real InternVL tokenizer
+    # reads it in ~35 tokens, and without it in the corpus the tiny one would spend ~180 bytes on every prompt
+    tok = _train_tokenizer(tok_corpus + [INTERNVL_SYSTEM_PROMPT] * 20, a["vocab_size"], _INTERNVL_SPECIALS,
+                           INTERNVL_TEMPLATE,
                            {"start_image_token": "<img>", "end_image_token": "</img>",
                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     seq_len = (size // patch) ** 2 // 4  # pixel shuffle with ratio 0.5 merges 2x2 patches into one token

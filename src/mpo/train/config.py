@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mpo.config import ConfigError, field
+from mpo.data.system import SYSTEM_PROMPT_HELP
 from mpo.losses.mixed import check_loss_types
 
 __all__ = ["ModelConfig", "LoraConfig", "DataConfig", "LossConfig", "TrainConfig", "RunConfig"]
@@ -51,6 +52,12 @@ class DataConfig:
                                   "priority on Linux) while the model computes (0: none); works with or without "
                                   "num_workers.", ge=0)
     seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).")
+    system_prompt: str = field("auto", help=SYSTEM_PROMPT_HELP)
+
+    def __post_init__(self) -> None:
+        if not self.system_prompt.strip():
+            raise ConfigError("data.system_prompt: empty; give the text, 'none' (no system turn) or 'auto' (InternVL: "
+                              "its identity line)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from mpo.data.encode import PairEncoder
 from mpo.data.errors import RowError
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
+from mpo.data.system import resolve_system_prompt
 from mpo.models import load_model, load_processor
 from mpo.train.data import Collator, EncodedPairs
 from mpo.train.forward import PairScorer
@@ -106,26 +107,30 @@ def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, p
         yield batch.sources, scores.chosen_logps, scores.rejected_logps, errors
 
 
-def _run_beta(model_path: str | Path) -> float | None:
-    """``loss.beta`` of the run that trained ``model_path`` (a run folder or its ``final``), if it is one."""
+def _run_setting(model_path: str | Path, section: str, key: str):
+    """``section.key`` of the run that trained ``model_path`` (a run folder or its ``final``), if it is one."""
     path = Path(model_path)
     for cfg in (path / "config.yaml", path.parent / "config.yaml"):
         if cfg.is_file():
-            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get("loss", {}).get("beta")
+            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get(section, {}).get(key)
     return None
 
 
 def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float | None = None,
              max_length: int = 16384, max_dynamic_patch: int = 12, batch_size: int = 8, blank_images: bool = False,
-             trust_remote_code: bool = False, seed: int = 42) -> EvalReport:
+             trust_remote_code: bool = False, seed: int = 42, system_prompt: str | None = None) -> EvalReport:
     if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
-        beta = _run_beta(model_path) or 0.1
+        beta = _run_setting(model_path, "loss", "beta") or 0.1
+    if system_prompt is None:  # the run's own prompts
+        system_prompt = _run_setting(model_path, "data", "system_prompt") or "auto"
     model_path, recorded = resolve_run_model(model_path)
     reference = reference if reference is not None else recorded
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     specs = [dataclasses.replace(s, repeat_time=1.0) if s.repeat_time > 0 else s for s in read_meta(meta_path)]
     mixture = PreferenceMixture(specs, seed=seed, max_dynamic_patch=max_dynamic_patch)
-    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=max_length), blank_images=blank_images)
+    encoder = PairEncoder(processor, max_length=max_length,
+                          system_prompt=resolve_system_prompt(processor, system_prompt))
+    dataset = EncodedPairs(mixture, encoder, blank_images=blank_images)
     tok = getattr(processor, "tokenizer", processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 

@@ -35,6 +35,7 @@ from mpo.data.errors import RowError
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.rejects import RejectedRowLog
+from mpo.data.system import resolve_system_prompt
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.accelerator import accelerator_for, make_accelerator, zero_stage_of
@@ -76,7 +77,9 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
     acc.wait_for_everyone()
 
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
-    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
+    encoder = PairEncoder(processor, max_length=cfg.data.max_length,
+                          system_prompt=resolve_system_prompt(processor, cfg.data.system_prompt))
+    dataset = EncodedPairs(mixture, encoder, augment_seed=cfg.data.seed)
     done = {(d, line) for d, line, _, _ in read_parts(out)} if (out / "parts").is_dir() else set()
     seen, todo = set(done), []
     for i in range(len(mixture)):

@@ -36,6 +36,7 @@ from mpo.data.errors import DataError
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.rejects import RejectedRowLog, handle_bad_row
+from mpo.data.system import resolve_system_prompt
 from mpo.fsio import atomic_write_text
 from mpo.losses import RunningMean, mpo_loss_with_rewards, rewards_mean
 from mpo.models import load_model, load_processor
@@ -174,7 +175,11 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     log.info("data: %d pairs per epoch (%s)", len(mixture),
              ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
-    dataset = EncodedPairs(mixture, PairEncoder(processor, max_length=cfg.data.max_length), augment_seed=cfg.data.seed)
+    encoder = PairEncoder(processor, max_length=cfg.data.max_length,
+                          system_prompt=resolve_system_prompt(processor, cfg.data.system_prompt))
+    log.info("system message of rows without one: %s", "none" if encoder.system_prompt is None
+             else repr(encoder.system_prompt))
+    dataset = EncodedPairs(mixture, encoder, augment_seed=cfg.data.seed)
     rejects = RejectedRowLog(out / ckpt.REJECTED_ROWS)
     if latest is None:  # a resumed run checked its data when it started
         require_usable_rows(dataset, cfg, rejects)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mpo import __version__
+from mpo.data.system import resolve_system_prompt
 from mpo.fsio import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RefCacheError", "fingerprint", "CachedReference", "PartWriter", "read_parts", "merge_parts"]
@@ -80,6 +81,7 @@ def fingerprint(cfg, specs, processor) -> dict:
         # data_augment draws each row's JPEG qualities from (data.seed, dataset, line)
         "augment_seed": cfg.data.seed if any(s.data_augment for s in specs if s.repeat_time > 0) else None,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "system_prompt": resolve_system_prompt(processor, cfg.data.system_prompt),
         "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
         "mpo_version": __version__,
     }
