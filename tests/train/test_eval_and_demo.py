@@ -54,6 +54,26 @@ def test_demo_end_to_end_small(tmp_path):
     assert summary["steps"] == 2
     assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 2
+    run_demo(tmp_path / "demo", steps=1, n_pairs=96, n_heldout=8)  # again into the same folder: trained anew
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 1
+
+
+def test_demo_refuses_folders_it_did_not_write(tmp_path):
+    """A run folder or model folder that is not the demo's own is never deleted (exit 2, one line)."""
+    out = tmp_path / "proj"
+    (out / "run" / "checkpoint-500").mkdir(parents=True)
+    (out / "run" / "checkpoint-500" / "trainer_state.json").write_text("state")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1"])
+    assert result.exit_code == 2
+    assert result.output.endswith(f"{out / 'run'}: exists and is not an earlier demo run (its config.yaml does not "
+                                  f"train {out / 'tiny-internvl'}); refusing to replace it: choose another --out\n")
+    assert (out / "run" / "checkpoint-500" / "trainer_state.json").read_text() == "state"
+    (out / "run").rename(tmp_path / "kept_run")
+    (out / "tiny-internvl").mkdir()
+    (out / "tiny-internvl" / "weights.bin").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "1"])
+    assert result.exit_code == 2 and "tiny-internvl: exists and is not a model folder" in result.output
+    assert (out / "tiny-internvl" / "weights.bin").read_text() == "mine"
 
 
 def test_eval_table_says_how_many_rows_were_skipped_and_why(tiny_qwen2_dir, demo_data):

@@ -78,7 +78,11 @@ def demo(
     from mpo.train.demo import run_demo
 
     _logging()
-    run_demo(out, steps=steps)
+    try:
+        run_demo(out, steps=steps)
+    except (FileExistsError, NotADirectoryError) as exc:  # a folder the demo must not replace: one line, exit 2
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def precompute_ref(

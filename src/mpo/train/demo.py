@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from mpo.config import load_config
 from mpo.data.demo import demo_corpus, write_demo
 from mpo.fsio import atomic_write_json
@@ -41,20 +43,34 @@ def _image_accuracy(report) -> float:
     return wins / sum(report.datasets[t]["pairs"] for t in IMAGE_TASKS)
 
 
+def _clear_earlier_demo_run(run_dir: Path, model_dir: Path) -> None:
+    """Remove the run of an earlier ``mpo demo`` into the same folder (trained anew); refuse any other folder."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    config = run_dir / "config.yaml"
+    try:
+        recorded = yaml.safe_load(config.read_text(encoding="utf-8"))["model"]["path"]
+        ours = Path(recorded).resolve() == model_dir.resolve()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{run_dir}: exists and is not an earlier demo run (its config.yaml does not train "
+                              f"{model_dir}); refusing to replace it: choose another --out")
+    shutil.rmtree(run_dir)
+
+
 def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, n_heldout: int = 200,
              seed: int = 0) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data"
+    _clear_earlier_demo_run(out / "run", out / "tiny-internvl")  # before anything is written
     write_demo(data, n=n_pairs, n_heldout=n_heldout, seed=seed)
-    # the demo's own model, built anew each time like its run (a folder from before mpo_tiny.json has no marker)
-    shutil.rmtree(out / "tiny-internvl", ignore_errors=True)
     model_dir = build_tiny(out / "tiny-internvl", "internvl", corpus=demo_corpus(data), seed=seed)
     heldout = str(data / "meta_heldout.json")
     eval_kw = dict(max_length=512, max_dynamic_patch=1, batch_size=64)
 
     before = run_eval(str(model_dir), heldout, **eval_kw)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the demo's own run of an earlier `make demo`: trained anew
     overrides = [f"model.path={model_dir}", f"data.meta_path={data / 'meta.json'}", f"train.output_dir={out / 'run'}"]
     if steps:
         overrides.append(f"train.max_steps={steps}")
