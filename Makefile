@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch 2.14.1 + torchvision 0.29.1: the pair that gives the stock transformers processors
-# (InternVL, Qwen-VL) their video processor; see docs/install.md.
+# (InternVL, Qwen-VL) their video processor; see README.md, Install.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"

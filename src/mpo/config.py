@@ -228,7 +228,14 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))  # the safe loader, duplicate keys refused
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                              "save the config as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+        loader = _UniqueKeyLoader(text)  # the safe loader, duplicate keys refused
         try:
             loaded = loader.get_single_data()
         except yaml.YAMLError as exc:

@@ -128,3 +128,41 @@ def test_cli_demo_replaces_an_earlier_demo(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("")
     assert runner.invoke(app, ["data", "demo", str(tmp_path / "other")]).exit_code == 2
+
+
+def test_cli_demo_keeps_a_users_folder_named_like_the_old_copy(tmp_path):
+    """The earlier demo used to be moved to ``.NAME.old``, after deleting any folder of that name."""
+    runner = CliRunner()
+    out = tmp_path / "mydata"
+    assert runner.invoke(app, ["data", "demo", str(out), "--n", "10", "--n-heldout", "1"]).exit_code == 0
+    (tmp_path / ".mydata.old").mkdir()
+    (tmp_path / ".mydata.old" / "keep.txt").write_text("keep me")
+    assert runner.invoke(app, ["data", "demo", str(out), "--n", "10", "--n-heldout", "1"]).exit_code == 0
+    assert (tmp_path / ".mydata.old" / "keep.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mydata.old", "mydata"]
+
+
+def test_cli_demo_through_a_link_replaces_the_demo_it_points_to(tmp_path):
+    """A link to an earlier demo used to fail (rmtree on a symbolic link) and leave ``.link_demo.old`` behind."""
+    runner = CliRunner()
+    args = ["--n", "10", "--n-heldout", "1"]
+    assert runner.invoke(app, ["data", "demo", str(tmp_path / "d1"), *args]).exit_code == 0
+    (tmp_path / "link_demo").symlink_to(tmp_path / "d1")
+    for seed in ("1", "2"):  # twice: the first run leaves nothing that breaks the next one
+        result = runner.invoke(app, ["data", "demo", str(tmp_path / "link_demo"), *args, "--seed", seed])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "link_demo").is_symlink() and (tmp_path / "d1" / ".mpo-demo").is_file()
+    assert _files(tmp_path / "d1") == _files(write_demo(tmp_path / "fresh", n=10, n_heldout=1, seed=2)["root"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "fresh", "link_demo"]
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("afile", "afile: exists and is not a folder; choose another path"),
+    (".", ".: is the current folder or one above it; name a new folder instead"),
+])
+def test_cli_demo_refuses_a_file_or_the_current_folder_in_one_line(tmp_path, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    result = CliRunner().invoke(app, ["data", "demo", out, "--n", "10", "--n-heldout", "1"])
+    assert (result.exit_code, result.output) == (2, message + "\n")
+    assert (tmp_path / "afile").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mpo.cli import app
@@ -37,3 +38,22 @@ def test_errors_exit_2(tmp_path):
     assert (result.exit_code, result.output) == (2, "arch must be one of internvl, qwen2_5_vl, qwen2, got 'llava'\n")
     result = runner.invoke(app, ["models", "info", str(tmp_path / "missing")])
     assert (result.exit_code, result.output) == (2, f"{tmp_path / 'missing'}: no such model folder\n")
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("afile", "afile: exists and is not a folder; choose another path"),
+    (".", ".: is the current folder or one above it; name a new folder instead"),
+])
+def test_tiny_refuses_a_file_or_the_current_folder_before_building(tmp_path, monkeypatch, out, message):
+    """``.`` used to fail only after the whole model was built, with ``PosixPath('.') has an empty name``."""
+    from mpo.models import tiny
+
+    def no_build(*args):
+        raise AssertionError("the model was built before the folder was checked")
+
+    monkeypatch.setitem(tiny._BUILDERS, "internvl", no_build)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    result = runner.invoke(app, ["models", "tiny", out])
+    assert (result.exit_code, result.output) == (2, message + "\n")
+    assert (tmp_path / "afile").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

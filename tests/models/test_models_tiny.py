@@ -158,3 +158,13 @@ def test_only_a_tiny_model_is_replaced(tmp_path):
                                               r"mpo_tiny\.json\); refusing to replace it"):
         build_tiny(tmp_path / "m", "qwen2", vocab_size=400)
     assert (first / "model.safetensors").read_bytes() == weights
+
+
+def test_a_link_to_a_tiny_model_is_rebuilt_in_place(tmp_path):
+    """The link keeps pointing at the rebuilt model; no ``.link.old`` is left behind to break the next build."""
+    first = build_tiny(tmp_path / "m", "qwen2", vocab_size=400)
+    (tmp_path / "link").symlink_to(first)
+    for seed in (1, 2):
+        assert build_tiny(tmp_path / "link", "qwen2", vocab_size=400, seed=seed) == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink() and json.loads((first / "mpo_tiny.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "m"]

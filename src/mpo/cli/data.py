@@ -45,7 +45,8 @@ def check(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Argument(..., help="Folder to write (new, empty, or an earlier demo: it is replaced)."),
+    out: Path = typer.Argument(..., help="Folder to write (new, empty, or an earlier demo: it is "
+                                         "replaced; through a symbolic link, the folder it points to)."),
     n: int = typer.Option(2000, "--n", min=3, help="Training pairs (60% single image, 25% two images, 15% text)."),
     n_heldout: int = typer.Option(200, "--n-heldout", min=1, help="Held-out pairs per subset."),
     n_prompts: int = typer.Option(32, "--n-prompts", min=1, help="Prompts per data-generation file."),
@@ -56,7 +57,7 @@ def demo(
 
     try:
         paths = write_demo(out, n=n, n_heldout=n_heldout, n_prompts=n_prompts, seed=seed)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:  # a path the demo must not replace: one line, exit 2
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     for name, path in paths.items():

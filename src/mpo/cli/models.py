@@ -15,7 +15,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 @app.command("tiny")
 def tiny(
     out: Path = typer.Argument(..., help="Folder to write: new, empty, or an earlier `mpo models tiny` model "
-                                         "(replaced); any other folder is refused."),
+                                         "(replaced; through a symbolic link, the folder it points to); any "
+                                         "other folder is refused."),
     arch: str = typer.Option("internvl", "--arch", help="internvl | qwen2_5_vl | qwen2 (text-only)."),
     corpus: list[Path] = typer.Option([], "--corpus", exists=True, dir_okay=False,
                                       help="Extra tokenizer text: .txt lines or .jsonl string fields (repeatable)."),
@@ -34,7 +35,7 @@ def tiny(
         with contextlib.redirect_stdout(sys.stderr):
             path = build_tiny(out, arch, corpus=read_corpus(corpus), image_size=image_size, patch_size=patch_size,
                               max_patches=max_patches, vocab_size=vocab_size, seed=seed)
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, FileExistsError, NotADirectoryError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(str(path))

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mpo.fsio import replace_dir
+from mpo.fsio import replaceable_dir, staged_dir
 
 __all__ = ["COLOURS", "write_demo", "demo_corpus"]
 
@@ -163,20 +160,16 @@ def write_demo(out_dir: str | Path, *, n: int = 2000, n_heldout: int = 200, n_pr
     """Write the demo dataset (layout in the module docstring) and return its main paths.
 
     ``n`` training pairs are split 60 % shape_colour, 25 % pair_colour, 15 % text_arith; the held-out meta has
-    ``n_heldout`` pairs per subset. ``out_dir`` must be new, empty, or an earlier demo (it is replaced whole).
+    ``n_heldout`` pairs per subset. ``out_dir`` must be new, empty, or an earlier demo (it is replaced whole; a
+    symbolic link to one keeps pointing at it, replaced); a file or the current folder is refused
+    (:func:`mpo.fsio.replaceable_dir`).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
+    real = replaceable_dir(out)
+    if real.exists() and any(real.iterdir()) and not (real / _MARKER).exists():
         raise FileExistsError(f"{out} exists and is not an mpo demo folder (no {_MARKER}); choose a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(real) as tmp:
         _write_all(tmp, n, n_heldout, n_prompts, seed)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"root": out, "meta": out / "meta.json", "meta_heldout": out / "meta_heldout.json",
             "images": out / "images", "correctness_prompts": out / "prompts" / "correctness.jsonl",
             "dropout_ntp_prompts": out / "prompts" / "dropout_ntp.jsonl"}

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mpo.data.system import INTERNVL_SYSTEM_PROMPT
-from mpo.fsio import replace_dir
+from mpo.fsio import replaceable_dir, staged_dir
 
 __all__ = ["ARCHS", "TINY_MARKER", "build_tiny", "default_corpus", "read_corpus"]
 
@@ -295,30 +293,26 @@ def build_tiny(out_dir: str | Path, arch: str = "internvl", *, corpus: list[str]
     Deterministic for a given ``seed`` and corpus (same weights, same ``tokenizer.json``). The folder is
     written next to ``out_dir`` first and moved into place, so a crash never leaves half a model. An
     existing ``out_dir`` is replaced only if it is empty or was written by this function (it holds
-    ``mpo_tiny.json``, which records the arguments): a real checkpoint or a trained run is never replaced.
+    ``mpo_tiny.json``, which records the arguments): a real checkpoint or a trained run is never replaced. A
+    symbolic link is followed (its target is replaced, the link stays); a file or the current folder is refused
+    before anything is built (:func:`mpo.fsio.replaceable_dir`).
     ``image_size``/``patch_size`` set one tile (InternVL) or the largest image (Qwen2.5-VL: at most
     ``image_size**2`` pixels, ``patch_size`` ViT patches merged 2x2).
     """
     if arch not in _BUILDERS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / TINY_MARKER).is_file():
-        what = ("holds a model that `mpo models tiny` did not write" if (out / "config.json").exists()
+    real = replaceable_dir(out)  # before the build: a file or the current folder is refused in no time
+    if real.exists() and any(real.iterdir()) and not (real / TINY_MARKER).is_file():
+        what = ("holds a model that `mpo models tiny` did not write" if (real / "config.json").exists()
                 else "exists and is not a model folder")
         raise FileExistsError(f"{out}: {what} (no {TINY_MARKER}); refusing to replace it: delete it yourself or "
                               "choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     args = dict(vocab_size=vocab_size, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden,
                 text_layers=text_layers, vision_hidden=vision_hidden, vision_layers=vision_layers,
                 max_patches=max_patches, seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; a model folder should be as readable as any other
-    try:
+    with staged_dir(real) as tmp:
         _BUILDERS[arch](default_corpus() + list(corpus or []), tmp, args)
         (tmp / TINY_MARKER).write_text(json.dumps({"arch": arch, **args, "extra_corpus_lines": len(corpus or [])},
                                                   indent=1) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

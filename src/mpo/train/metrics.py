@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from mpo.config import ConfigError
+
 __all__ = ["MetricsLogger", "CONSOLE_KEYS"]
 
 log = logging.getLogger("mpo.train")
@@ -33,17 +35,19 @@ class MetricsLogger:
             return
         for backend in report_to:
             if backend == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-
+                try:  # a base dependency, but an environment built by hand may still lack it
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise _not_installed("tensorboard") from None
                 self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
             elif backend == "wandb":
                 try:
                     import wandb
                 except ImportError:
-                    raise ValueError("train.report_to: wandb is not installed (pip install wandb)") from None
+                    raise _not_installed("wandb") from None
                 self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mpo"), dir=str(output_dir))
             elif backend not in ("none", "jsonl"):
-                raise ValueError(f"train.report_to: unknown backend {backend!r} (tensorboard, wandb)")
+                raise ConfigError(f"train.report_to: unknown backend {backend!r} (tensorboard, wandb)")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -67,6 +71,11 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _not_installed(backend: str) -> ConfigError:
+    # a ConfigError, not an ImportError traceback: `mpo train` prints it as one line naming the key (exit 2)
+    return ConfigError(f"train.report_to: {backend} is not installed (pip install {backend})")
 
 
 def _fmt(v: float) -> str:
