@@ -61,6 +61,21 @@ def test_model_name_is_last_two_components(checkpoint, name):
     assert model_name(checkpoint) == name
 
 
+@pytest.mark.parametrize("checkpoint, name", [
+    (".", "ckpt_run1"), ("./", "ckpt_run1"), ("..", "tmp_ckpt"), ("final/..", "ckpt_run1"),
+    ("../run1/.", "ckpt_run1"), ("final", "final"), ("./final/", "final"),
+])
+def test_a_path_without_a_name_of_its_own_is_named_after_its_resolved_folder(tmp_path, monkeypatch, checkpoint,
+                                                                              name):
+    """``--checkpoint .`` gave ``""``: the output went straight into ``--out-dir`` under the prompt file's own
+    name, and replaced the prompt file when ``--out-dir`` was its folder. Paths with a name keep their written
+    form (an output started before keeps its folder)."""
+    run1 = tmp_path / "tmp" / "ckpt" / "run1"
+    (run1 / "final").mkdir(parents=True)
+    monkeypatch.chdir(run1)
+    assert model_name(checkpoint) == name
+
+
 def test_subsample_is_the_seed_stride_rule():
     assert subsample_lines(10, 3) == [0, 3, 6]        # stride 10 // 3 = 3
     assert subsample_lines(10, 4) == [0, 2, 4, 6]     # stride 2, first 4

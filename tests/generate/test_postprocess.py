@@ -149,7 +149,7 @@ def test_stats_and_malformed_lines_are_reported(tmp_path: Path) -> None:
     ]
     assert logs[3] == ("[geoqa] lines=21 malformed=3 positives=8 negatives=6 format_negatives=4 (no_box=3, "
                        "truncated=1) keys=6 all_correct_keys=1 all_wrong_keys=2 pairs: correctness=7 format=4 "
-                       "neg_items=1")
+                       f"neg_items=1 malformed_lines={tmp_path / 'out' / 'reports' / 'geoqa.malformed_lines.jsonl'}")
 
 
 def test_rerun_skips_finished_files_and_overwrite_recomputes(tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_rerun_skips_finished_files_and_overwrite_recomputes(tmp_path: Path) -> 
     assert entry["counts"]["correctness_pairs"] == 7 and entry["settings"]["num_pairs_per_key"] == 15
     assert entry["outputs"] == ["raw/geoqa_pairs_vqa_correctness_rules.jsonl",
                                 "raw/geoqa_pairs_vqa_format_rules.jsonl", "pos_items/geoqa.jsonl",
-                                "neg_items/geoqa.jsonl"]
+                                "neg_items/geoqa.jsonl", "reports/geoqa.malformed_lines.jsonl"]
 
 
 def test_changed_input_or_settings_or_missing_output_is_recomputed(tmp_path: Path) -> None:
@@ -215,7 +215,8 @@ def test_output_is_identical_across_runs_and_through_the_pool(tmp_path: Path, mo
     monkeypatch.setattr(scan, "_READ_BLOCK", 512)
     assert len(scan._byte_ranges(tmp_path / "data" / "geoqa.jsonl", 100, 256)) > 4
     run(tmp_path, "c", logs_c, num_pairs_per_key=2, workers=2)
-    assert logs_c == logs_a  # same counts, same file:line for the malformed lines
+    # same counts, same file:line for the malformed lines (the summaries name each run's own report)
+    assert [line.replace(str(tmp_path / "c"), str(tmp_path / "a")) for line in logs_c] == logs_a
     for kind, path_a in output_paths(tmp_path / "a", "geoqa").items():
         for other in ("b", "c"):
             assert output_paths(tmp_path / other, "geoqa")[kind].read_bytes() == path_a.read_bytes(), (kind, other)

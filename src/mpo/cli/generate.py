@@ -96,14 +96,16 @@ def _config(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _run(run: Callable[[Any], Any], cfg: Any) -> Any:
-    """Run one generator; an output that cannot be resumed, a damaged part file or a model that does not load
-    is one line on stderr and exit code 2 (the message names the file and what to do), not a traceback."""
+    """Run one generator; an output that cannot be resumed, an output path that would replace the prompt file or
+    runs through a regular file, a damaged part file or a model that does not load is one line on stderr and exit
+    code 2 (the message names the file and what to do), not a traceback."""
+    from mpo.generate.outpaths import OutputPathError
     from mpo.generate.sharding import PartFileError, ResumeError
     from mpo.models import ModelLoadError
 
     try:
         return run(cfg)
-    except (ResumeError, PartFileError, ModelLoadError) as err:
+    except (ResumeError, PartFileError, ModelLoadError, OutputPathError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
 

@@ -27,13 +27,15 @@ def correctness(
     num_pairs_per_key: int = typer.Option(15, "--num-pairs-per-key", help="At most this many pairs per question "
                                           "and rule (correctness, format)."),
     max_lines: int = typer.Option(1_000_000, "--max-lines", help="Use only the first N lines of each file."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute datasets the manifest lists as done."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Recompute datasets the manifest lists as done, and "
+                                   "replace existing output files it does not list (never an input file)."),
     workers: int = typer.Option(2, "--workers", help="Processes that judge in parallel."),
     timeout: float = typer.Option(2.0, "--timeout", help="Seconds allowed per math-verify comparison."),
 ) -> None:
     """Judge sampled responses and build chosen/rejected pairs (InternVL MMPR layout)."""
     from mpo.generate.postprocess import (  # lazy: keeps `mpo --help` fast
         ManifestConflict,
+        OutputPathError,
         PostprocessConfig,
         run_postprocess,
     )
@@ -47,6 +49,6 @@ def correctness(
         raise typer.Exit(2) from err
     try:
         run_postprocess(cfg, log=typer.echo)
-    except ManifestConflict as err:
+    except (ManifestConflict, OutputPathError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -58,6 +58,8 @@ def run_correctness(cfg: CorrectnessConfig, sampler: Sampler | None = None, *, e
     ``sampler``: an already built backend (tests, benchmarks); by default it is built from ``cfg`` when needed.
     """
     cfg.check_paths()
+    layout = OutputLayout(correctness_output_path(cfg))
+    cfg.check_output(layout)
     if sampler is None:  # the sampler will be built from cfg: refuse flags it cannot be built from, now
         cfg.check_backend()
     version = cfg.prompt_version
@@ -77,7 +79,7 @@ def run_correctness(cfg: CorrectnessConfig, sampler: Sampler | None = None, *, e
 
     job = GenerationJob(
         name="correctness", prompts=prompts, n=cfg.num_return_sequences,
-        layout=OutputLayout(correctness_output_path(cfg)), params=cfg.sampling_params(), seed=cfg.seed,
+        layout=layout, params=cfg.sampling_params(), seed=cfg.seed,
         settings={"generator": "correctness", "prompt_version": version, **cfg.settings()},
         make_request=make_request, make_line=make_line, load_images=lambda item: load_item_images(prompts, item),
         generated_fields=GENERATED_FIELDS)

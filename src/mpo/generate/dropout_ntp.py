@@ -18,8 +18,8 @@ A continuation for which ``rejected`` equals ``chosen`` (after stripping) teache
      "finish_reason", "num_tokens"}
 
 Output: ``<out-dir>/<model_name>/<prompt basename>``. Images are never decoded (only checked to exist, since the
-pair is useless for training without them); ``--dynamic``/``--max-num`` are accepted for the seed's command line
-and have no effect.
+pair is useless for training without them); ``--dynamic``/``--max-num`` are accepted for the seed's command line,
+have no effect, and are not part of the output's settings, so a rerun may change them.
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ class DropoutNTPConfig(GenerateConfig):
         if not 0 <= self.start_ratio < 1:
             raise ValueError(f"--start-ratio must be in [0, 1), got {self.start_ratio}")
 
+    def settings(self) -> dict[str, Any]:
+        """The shared settings without the tiling flags: no image is ever sent, so they cannot change a sample,
+        and a rerun that changes them must not be refused. (Outputs started when they were recorded still
+        resume: ``check_settings`` compares only the keys recorded now.)"""
+        return {k: v for k, v in super().settings().items() if k not in ("dynamic", "max_num")}
+
 
 def truncate_chosen(chosen: str, ratio: float) -> str:
     """The first ``floor(units * ratio)`` units of ``chosen``, as an exact prefix string (module docstring).
@@ -87,6 +93,8 @@ def run_dropout_ntp(cfg: DropoutNTPConfig, sampler: Sampler | None = None, *, en
                     ) -> RunResult:
     """Continue this rank's truncated answers without their images and merge when complete."""
     cfg.check_paths()
+    layout = OutputLayout(dropout_output_path(cfg))
+    cfg.check_output(layout)
     if sampler is None:  # the sampler will be built from cfg: refuse flags it cannot be built from, now
         cfg.check_backend()
     ratio = cfg.start_ratio
@@ -110,7 +118,7 @@ def run_dropout_ntp(cfg: DropoutNTPConfig, sampler: Sampler | None = None, *, en
                 "finish_reason": sample.finish_reason, "num_tokens": sample.num_tokens}
 
     job = GenerationJob(
-        name="dropout-ntp", prompts=prompts, n=cfg.num_return_sequences, layout=OutputLayout(dropout_output_path(cfg)),
+        name="dropout-ntp", prompts=prompts, n=cfg.num_return_sequences, layout=layout,
         params=cfg.sampling_params(), seed=cfg.seed,
         settings={"generator": "dropout-ntp", "start_ratio": ratio, **cfg.settings()},
         make_request=make_request, make_line=make_line, load_images=lambda item: [],

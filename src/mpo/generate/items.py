@@ -90,9 +90,15 @@ def model_name(checkpoint: str | Path) -> str:
     """The seed's output folder name: the last two path components joined by ``_``.
 
     Example: ``OpenGVLab/InternVL3-8B`` -> ``OpenGVLab_InternVL3-8B``; ``/ckpt/run1/final`` -> ``run1_final``.
+    A path that has no folder name of its own (``.``, ``./``, ``..``, ``run1/..``) is named after the folder it
+    resolves to: ``.`` in ``/ckpt/run1`` -> ``ckpt_run1``. (``.`` gave ``""``, so the output went straight into
+    ``--out-dir`` under the prompt file's own name, and replaced the prompts when that was their folder.)
+    Other paths keep their written form, so an output started before this rule keeps its folder.
     """
-    parts = Path(str(checkpoint).rstrip("/")).parts
-    return "_".join(p for p in parts[-2:] if p not in ("/", ""))
+    path = Path(str(checkpoint))
+    if not path.parts or ".." in path.parts:
+        path = path.resolve()
+    return "_".join(p for p in path.parts[-2:] if p not in ("/", ""))
 
 
 def subsample_lines(n_lines: int, max_num: int | None) -> list[int]:

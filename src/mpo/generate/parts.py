@@ -79,6 +79,10 @@ class OutputLayout:
     def summary(self) -> Path:
         return self.final.parent / "reports" / f"{Path(self.final.name).stem}.summary.json"
 
+    def files(self) -> list[Path]:
+        """Every file a run of this output may write (part files: those that exist; a new one goes beside them)."""
+        return [self.final, self.settings, self.rejected_prompts, self.summary, *self.part_files()]
+
 
 # ----------------------------------------------------------------------------------------------------
 # Part files
@@ -198,7 +202,11 @@ def output_started(layout: OutputLayout) -> bool:
 
 def check_settings(layout: OutputLayout, settings: dict[str, Any], *, started: bool) -> None:
     """Refuse to add to a started output with other settings (``ResumeError`` naming the first that differs).
-    The settings of an output without a sample bind nothing: ``record_settings`` replaces them."""
+    The settings of an output without a sample bind nothing: ``record_settings`` replaces them.
+
+    Only the keys of ``settings`` are compared. A key that only the recorded file holds is one this code no longer
+    records because it cannot change a sample (dropout-ntp's ``dynamic``/``max_num``: it never sends an image), so
+    it binds nothing; comparing it refused a rerun that changed ``--dynamic`` on an output the old code started."""
     path = layout.settings
     if not path.exists() or not started:
         if started:  # samples without settings (the file was deleted): adopt these
@@ -209,7 +217,7 @@ def check_settings(layout: OutputLayout, settings: dict[str, Any], *, started: b
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResumeError(f"{path}: not valid JSON ({err}); restore it, or move the output folder away to "
                           "start afresh") from None
-    for key in sorted(set(old) | set(settings)):
+    for key in sorted(settings):
         if key == "prompt_path" and key not in old:  # written before the prompt file was recorded: unknown
             continue
         if old.get(key) != settings.get(key):

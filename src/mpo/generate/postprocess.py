@@ -5,8 +5,15 @@ For every ``<data_dir>/<ds>.jsonl`` (one Stage-1 record per line) this writes, u
     raw/<ds>_pairs_vqa_correctness_rules.jsonl  correct response vs wrong answer
     raw/<ds>_pairs_vqa_format_rules.jsonl       correct response vs format failure (no answer / truncated)
     pos_items/<ds>.jsonl                        every correct record, plus its ``answer_pred``
-    neg_items/<ds>.jsonl                        one row per question the model always got wrong
-    manifest.json                               per input: size, mtime, settings, counts (resume)
+    neg_items/<ds>.jsonl                        one row per question with a wrong answer and no correct one
+    reports/<ds>.malformed_lines.jsonl          every line that could not be used: file, line, why, its text
+    manifest.json                               per input: size, mtime, settings, counts, outputs (resume)
+
+Nothing is written over a file this tool did not write: an output path that is an input file is always refused,
+and an existing output that ``manifest.json`` does not list as this dataset's is refused unless ``--overwrite``
+(``_check_outputs``; a curated ``raw/`` file in a ``--save-dir`` without a manifest was replaced). A dataset's
+outputs are listed in the manifest before they are written, so the files a crash leaves behind are still known
+as ours.
 
 A pair row is ``{"image"?, "question", "chosen", "rejected", "answer_gt", "chosen_meta"?,
 "rejected_meta"?}``, where ``question`` is the *original* question (``question_orig``), not the
@@ -15,7 +22,8 @@ instruction-wrapped prompt the model was sampled with: pairs train on what users
 The run is split by role over three modules, each readable alone:
 
 * ``mpo.generate.postprocess`` (this module): the run: ``PostprocessConfig``, the per-file loop of
-  ``run_postprocess``, ``manifest.json`` (resume), ``--gt-responses``, and writing the four files;
+  ``run_postprocess``, ``manifest.json`` (resume), ``--gt-responses``, the output-path checks, and writing
+  the files;
 * ``mpo.generate.scan``: pass 1: reading the Stage-1 files, judging each line (``judge_record``) and
   grouping the verdicts by key within bounded memory;
 * ``mpo.generate.pairs``: pair selection per key (``select_pairs``).
@@ -43,12 +51,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo.data.errors import RowError
 from mpo.fsio import atomic_write_json, atomic_write_jsonl
 from mpo.generate.answers import extract_answer, mode_for_dataset
+from mpo.generate.outpaths import OutputPathError, check_outputs
 from mpo.generate.pairs import _KeyPlan, _plan, select_pairs
 from mpo.generate.scan import (
     FMT,
-    MAX_LOGGED_ERRORS,  # noqa: F401 (re-exported)
+    MAX_LOGGED_ERRORS,
     NEG,
     POS,
     Entry,
@@ -58,12 +68,13 @@ from mpo.generate.scan import (
     _apply_fix,
     _scan_file,
     judge_record,
+    malformed_rows,
 )
 
 # Entry, Judgement, judge_record, select_pairs (and POS/NEG/FMT, Key, MAX_LOGGED_ERRORS) moved to scan.py
 # and pairs.py; they are re-exported here, so imports from this module keep working.
-__all__ = ["DatasetStats", "Entry", "Judgement", "ManifestConflict", "PostprocessConfig", "judge_record",
-           "output_paths", "run_postprocess", "select_pairs"]
+__all__ = ["DatasetStats", "Entry", "Judgement", "ManifestConflict", "OutputPathError", "PostprocessConfig",
+           "judge_record", "output_paths", "run_postprocess", "select_pairs"]
 
 JUDGE_VERSION = 2
 """Bump when judging changes, so that ``manifest.json`` entries of older runs are recomputed."""
@@ -121,16 +132,18 @@ class DatasetStats:
     format_pairs: int = 0
     neg_items: int = 0
     skipped: bool = False
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first MAX_LOGGED_ERRORS, for the console
+    malformed_report: str = ""  # the file listing every malformed line (not a count: not in the manifest)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.format_reasons.items()))
         head = f"[{self.dataset}]" + (" skipped (done, see manifest.json)" if self.skipped else "")
+        report = f" malformed_lines={self.malformed_report}" if self.malformed and self.malformed_report else ""
         return (f"{head} lines={self.lines} malformed={self.malformed} positives={self.positives} "
                 f"negatives={self.negatives} format_negatives={self.format_negatives} ({reasons}) "
                 f"keys={self.keys} all_correct_keys={self.all_correct_keys} "
                 f"all_wrong_keys={self.all_wrong_keys} pairs: correctness={self.correctness_pairs} "
-                f"format={self.format_pairs} neg_items={self.neg_items}")
+                f"format={self.format_pairs} neg_items={self.neg_items}{report}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,12 +269,13 @@ def _write_outputs(plans: list[_KeyPlan], sources: list[Path], mode: str, cfg: P
 
 
 def output_paths(save_dir: Path, ds: str) -> dict[str, Path]:
-    """The four files written for dataset ``ds`` (the seed's layout)."""
+    """The files written for dataset ``ds``: the seed's four, then the report of its malformed lines."""
     save_dir = Path(save_dir)
     return {"correctness": save_dir / "raw" / f"{ds}_pairs_vqa_correctness_rules.jsonl",
             "format": save_dir / "raw" / f"{ds}_pairs_vqa_format_rules.jsonl",
             "pos_items": save_dir / "pos_items" / f"{ds}.jsonl",
-            "neg_items": save_dir / "neg_items" / f"{ds}.jsonl"}
+            "neg_items": save_dir / "neg_items" / f"{ds}.jsonl",
+            "malformed": save_dir / "reports" / f"{ds}.malformed_lines.jsonl"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +298,10 @@ def _settings(cfg: PostprocessConfig, mode: str) -> dict[str, Any]:
 def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]], mode: str) -> DatasetStats:
     stats = DatasetStats(dataset=path.stem)
     scan = _scan_file(path, 0, mode, cfg, cfg.max_lines)
-    stats.lines, stats.malformed, stats.errors = scan.lines, scan.malformed, scan.errors
+    stats.lines, stats.malformed = scan.lines, len(scan.bad)
+    stats.errors = [str(RowError(str(path), b.line, b.field_name, b.message)) for b in scan.bad[:MAX_LOGGED_ERRORS]]
+    paths = output_paths(cfg.save_dir, path.stem)
+    atomic_write_jsonl(paths["malformed"], malformed_rows(path, scan.bad))
     stats.format_reasons = dict(sorted(scan.reasons.items()))
     labels = Counter(e.label for entries in scan.groups.values() for e in entries)
     stats.positives, stats.negatives, stats.format_negatives = labels[POS], labels[NEG], labels[FMT]
@@ -292,7 +309,7 @@ def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]],
     plans = _plan(scan, gt_pos, cfg, stats)
     del scan  # the plans hold the few entries that are written; the rest can go before pass 2
     sources = [path] + ([Path(cfg.gt_responses)] if cfg.gt_responses else [])
-    _write_outputs(plans, sources, mode, cfg, output_paths(cfg.save_dir, path.stem))
+    _write_outputs(plans, sources, mode, cfg, paths)
     return stats
 
 
@@ -334,12 +351,35 @@ def _check_sources(files: list[Path], datasets: dict, manifest_path: Path) -> No
                                "--overwrite to replace them")
 
 
+def _check_outputs(cfg: PostprocessConfig, files: list[Path], datasets: dict, manifest_path: Path) -> None:
+    """Refuse (``OutputPathError``), before anything is written, to write where this run must not: over an input
+    file (always, ``--overwrite`` too: the input would be gone), through a regular file (``--save-dir afile``), or,
+    unless ``--overwrite``, over an existing output that the manifest does not list as this dataset's (curated
+    pairs copied in by hand, a file of another tool, a ``--save-dir`` that lost its manifest)."""
+    inputs = {path: "--data-dir" for path in files}
+    if cfg.gt_responses is not None:
+        inputs[Path(cfg.gt_responses)] = "--gt-responses"
+    outputs = {path.stem: list(output_paths(cfg.save_dir, path.stem).values()) for path in files}
+    check_outputs([manifest_path, *(p for ps in outputs.values() for p in ps)], inputs, "--save-dir", cfg.save_dir)
+    if cfg.overwrite:
+        return
+    foreign = [p for ds, ps in outputs.items() for p in ps
+               if p.exists() and str(p.relative_to(cfg.save_dir)) not in (datasets.get(ds) or {}).get("outputs", [])]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputPathError(f"--save-dir {cfg.save_dir}: {foreign[0]}{more} exists and {manifest_path} does not "
+                              "list it as written by mpo postprocess for this dataset; it would be replaced: move it "
+                              "away, use another --save-dir, or pass --overwrite to replace it")
+
+
 def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) -> list[DatasetStats]:
     """Process every ``*.jsonl`` of ``cfg.data_dir`` (sorted by name); returns one stats row per file.
 
     A file whose manifest entry matches its size, mtime and the settings, and whose outputs exist, is
     skipped unless ``overwrite``; a dataset with zero pairs is recorded like any other (empty files). A
-    dataset the manifest lists from another input path raises ``ManifestConflict`` unless ``overwrite``.
+    dataset the manifest lists from another input path raises ``ManifestConflict`` unless ``overwrite``; an
+    output that would replace an input or a file this tool did not write raises ``OutputPathError``
+    (``_check_outputs``).
     """
     if cfg.force and cfg.gt_responses is None:
         log("warning: --force has no effect without --gt-responses (there are no reference responses to add)")
@@ -349,6 +389,7 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
     files = sorted(p for p in Path(cfg.data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
     if not files:
         log(f"warning: no *.jsonl files in {cfg.data_dir}")
+    _check_outputs(cfg, files, datasets, manifest_path)
     if not cfg.overwrite:
         _check_sources(files, datasets, manifest_path)
     results, gt_cache = [], {}
@@ -356,20 +397,26 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
         mode = mode_for_dataset(path.stem)
         source, settings = _file_id(path), _settings(cfg, mode)
         done = datasets.get(path.stem)
-        outputs = output_paths(cfg.save_dir, path.stem).values()
+        paths = output_paths(cfg.save_dir, path.stem)
+        listed = [str(p.relative_to(cfg.save_dir)) for p in paths.values()]
         if (not cfg.overwrite and done and done.get("source") == source
-                and done.get("settings") == settings and all(p.is_file() for p in outputs)):
+                and done.get("settings") == settings and all(p.is_file() for p in paths.values())):
             stats = DatasetStats(**{**done["counts"], "dataset": path.stem, "skipped": True})
         else:
-            stats = _process(path, cfg, _gt_positives(cfg, mode, gt_cache), mode)
-            counts = {k: v for k, v in asdict(stats).items() if k not in ("dataset", "skipped", "errors")}
-            datasets[path.stem] = {"source": source, "settings": settings, "counts": counts,
-                                   "outputs": [str(p.relative_to(cfg.save_dir)) for p in outputs]}
+            # listed before they are written (no settings: not done), so that files a crash leaves are ours
+            datasets[path.stem] = {"source": source, "outputs": listed}
             atomic_write_json(manifest_path, manifest)
+            stats = _process(path, cfg, _gt_positives(cfg, mode, gt_cache), mode)
+            counts = {k: v for k, v in asdict(stats).items()
+                      if k not in ("dataset", "skipped", "errors", "malformed_report")}
+            datasets[path.stem] = {"source": source, "settings": settings, "counts": counts, "outputs": listed}
+            atomic_write_json(manifest_path, manifest)
+        stats.malformed_report = str(paths["malformed"])
         for message in stats.errors:
             log(f"malformed: {message}")
         if stats.malformed > len(stats.errors) and not stats.skipped:
-            log(f"malformed: ... {stats.malformed - len(stats.errors)} more in {path}")
+            log(f"malformed: ... {stats.malformed - len(stats.errors)} more in {path}; every malformed line is "
+                f"in {paths['malformed']}")
         log(stats.summary())
         results.append(stats)
     return results

@@ -11,7 +11,9 @@ Bounded memory on a 1.2-million-line file: pass 0 counts newlines block by block
 ``max_lines`` lines into byte ranges (``_byte_ranges``); each range is one process-pool task
 (``_scan_range``) that keeps only a digest of the response, the label, the normalised answer and the byte
 offset of each line, never the record. Pass 2 re-reads the few records it writes by that offset.
-Malformed lines are counted, and the first ``MAX_LOGGED_ERRORS`` are kept as ``file:line`` messages.
+Malformed lines are kept the same way, as ``(line, offset, field, message)`` without their text:
+``malformed_rows`` re-reads each by its offset for the report that lists every one of them (the console shows
+the first ``MAX_LOGGED_ERRORS``).
 
 A change to how records are judged needs a bump of ``mpo.generate.postprocess.JUDGE_VERSION``, so that
 ``manifest.json`` entries of older runs are recomputed.
@@ -19,10 +21,12 @@ A change to how records are judged needs a bump of ``mpo.generate.postprocess.JU
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +47,8 @@ from mpo.generate.answers import (
 if TYPE_CHECKING:  # only for annotations: postprocess imports this module
     from mpo.generate.postprocess import PostprocessConfig
 
-__all__ = ["FMT", "MAX_LOGGED_ERRORS", "NEG", "POS", "Entry", "Judgement", "Key", "judge_record"]
+__all__ = ["FMT", "MAX_LOGGED_ERRORS", "NEG", "POS", "BadLine", "Entry", "Judgement", "Key", "judge_record",
+           "malformed_rows"]
 
 POS, NEG, FMT = 1, 0, 2
 MAX_LOGGED_ERRORS = 20
@@ -53,6 +58,15 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only lines with such an
 
 Key = tuple[str, str, str]
 """``(image as JSON text or "", question_orig, answer as text)``."""
+
+
+class BadLine(NamedTuple):
+    """What pass 1 keeps of one malformed line: where it is and why (its text is re-read for the report)."""
+
+    line: int
+    offset: int
+    field_name: str
+    message: str
 
 
 class Entry(NamedTuple):
@@ -163,8 +177,7 @@ def _digest(text: str) -> int:
 class _Scan:
     groups: dict[Key, list[Entry]] = field(default_factory=dict)
     lines: int = 0
-    malformed: int = 0
-    errors: list[str] = field(default_factory=list)
+    bad: list[BadLine] = field(default_factory=list)  # every malformed line, in file order
     reasons: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: _Scan) -> None:
@@ -175,8 +188,7 @@ class _Scan:
             else:
                 mine.extend(entries)
         self.lines += other.lines
-        self.malformed += other.malformed
-        self.errors.extend(other.errors[: MAX_LOGGED_ERRORS - len(self.errors)])
+        self.bad.extend(other.bad)
         self.reasons.update(other.reasons)
 
 
@@ -212,13 +224,13 @@ def _scan_range(task: _Task) -> _Scan:
                 key = _key_of(record)
                 verdict = judge_record(record, task.mode, answer_fix=task.answer_fix, timeout=task.timeout)
             except _Malformed as err:
-                _bad(out, task.path, line, err.field_name, err.message)
+                out.bad.append(BadLine(line, here, err.field_name, err.message))
                 continue
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                _bad(out, task.path, line, "-", f"not valid JSON ({err})")
+                out.bad.append(BadLine(line, here, "-", f"not valid JSON ({err})"))
                 continue
             except RecursionError:
-                _bad(out, task.path, line, "-", "not valid JSON (nested too deeply)")
+                out.bad.append(BadLine(line, here, "-", "not valid JSON (nested too deeply)"))
                 continue
             if verdict.reason:
                 out.reasons[verdict.reason] += 1
@@ -228,10 +240,20 @@ def _scan_range(task: _Task) -> _Scan:
     return out
 
 
-def _bad(out: _Scan, path: str, line: int, field_name: str, message: str) -> None:
-    out.malformed += 1
-    if len(out.errors) < MAX_LOGGED_ERRORS:
-        out.errors.append(str(RowError(path, line, field_name, message)))
+def malformed_rows(path: Path, bad: list[BadLine]) -> Iterator[dict[str, Any]]:
+    """One report row per malformed line of ``path``: ``RowError.to_dict()`` (file, line, field, message) plus
+    the line as it is in the file, without its newline: ``raw``, or ``raw_base64`` when it is not UTF-8 (JSON
+    cannot hold those bytes, and the report must give the line back exactly)."""
+    with open(path, "rb") as fh:
+        for entry in bad:
+            fh.seek(entry.offset)
+            raw = fh.readline().removesuffix(b"\n")
+            row: dict[str, Any] = RowError(str(path), entry.line, entry.field_name, entry.message).to_dict()
+            try:
+                row["raw"] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                row["raw_base64"] = base64.b64encode(raw).decode("ascii")
+            yield row
 
 
 def _byte_ranges(path: Path, max_lines: int, chunk_bytes: int) -> list[tuple[int, int, int]]:

@@ -49,7 +49,8 @@ from PIL import Image
 from mpo.config import field as field_
 from mpo.data.errors import RowError
 from mpo.fsio import atomic_write_json, atomic_write_jsonl
-from mpo.generate.items import PromptFile, PromptItem, sample_seed
+from mpo.generate.items import PromptFile, PromptItem, model_name, sample_seed
+from mpo.generate.outpaths import check_outputs
 from mpo.generate.parts import (
     MARKER,
     OutputLayout,
@@ -207,6 +208,14 @@ class GenerateConfig:
             raise ValueError(f"--prompt-path {self.prompt_path}: no such file")
         if not self.system_prompt.strip():
             raise ValueError("--system-prompt is empty: give the text, 'none' (no system turn) or 'auto'")
+        if not model_name(self.checkpoint):
+            raise ValueError(f"--checkpoint {self.checkpoint}: the filesystem root has no name to name the output "
+                             "folder after; move the model into a folder")
+
+    def check_output(self, layout: OutputLayout) -> None:
+        """Refuse (``OutputPathError``, one line) an output that would replace the prompt file, or that lies under
+        a regular file (``--out-dir afile``), before anything is written or the model is loaded."""
+        check_outputs(layout.files(), {Path(self.prompt_path): "--prompt-path"}, "--out-dir", self.out_dir)
 
     def check_backend(self) -> None:
         """Fail before anything is written when the sampler could never be built from these flags: the seed's
