@@ -174,7 +174,8 @@ def mpo_config(args: argparse.Namespace, out: Path, *, ref_cache: str = ""):
                  "data.max_length=8192", "data.max_dynamic_patch=4", "data.num_workers=0", f"data.seed={SEED}",
                  f"train.pair_layout={args.layout}", f"train.pack_length={args.pack_length}",
                  f"loss.beta={LOSS['beta']}", f"loss.loss_types={json.dumps(LOSS['types'])}",
-                 f"loss.loss_weights={json.dumps(LOSS['weights'])}"]
+                 f"loss.loss_weights={json.dumps(LOSS['weights'])}",
+                 "data.system_prompt=none"]  # TRL renders the chat template alone: the same prompts, token for token
     if ref_cache:
         overrides.append(f"train.ref_cache={ref_cache}")
     overrides += args.mpo_set or []

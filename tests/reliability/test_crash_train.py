@@ -105,8 +105,8 @@ def test_sigkill_between_and_during_checkpoints_then_resume_equals_uninterrupted
     text = log.read_text(encoding="utf-8", errors="replace")
     assert text.count(f"resumed from {out / 'checkpoint-4'} (step 4, epoch 0)") == 2
 
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8", "config.yaml",
-                                                     "final", "metrics.jsonl", "rejected_rows.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".mpo.lock", "checkpoint-12", "checkpoint-4", "checkpoint-8",
+                                                     "config.yaml", "final", "metrics.jsonl", "rejected_rows.jsonl"]
     expected, got = _weights(reference / "final"), _weights(out / "final")
     assert expected.keys() == got.keys()
     for key in expected:
@@ -237,8 +237,8 @@ def test_training_output_names_never_come_from_the_data(four_steps, rel_demo):
     """The output folder holds fixed names only (step numbers aside), although the mixture's bad row and its
     dataset name are made of paths (``../../broken``, ``../../pwned``, ``/tmp/pwned``); nothing is written beside
     the data either."""
-    assert sorted(p.name for p in four_steps.iterdir()) == ["checkpoint-4", "config.yaml", "final", "metrics.jsonl",
-                                                            "rejected_rows.jsonl"]
+    assert sorted(p.name for p in four_steps.iterdir()) == [".mpo.lock", "checkpoint-4", "config.yaml", "final",
+                                                            "metrics.jsonl", "rejected_rows.jsonl"]
     assert sorted(p.name for p in (four_steps / "checkpoint-4").iterdir()) == [
         "config.yaml", "model", "optimizer.pt", "rng.pt", "scheduler.pt", "trainer_state.json"]
     (dropped,) = [json.loads(line) for line in (four_steps / "rejected_rows.jsonl").read_text().splitlines()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 
 import typer
@@ -27,7 +28,7 @@ def train(
     _logging()
     try:
         cfg = load_config(RunConfig, config, overrides or [])
-        result = run_train(cfg, resume=resume)
+        result = run_train(cfg, resume=resume, config_path=config)
     except (ConfigError, TrainingError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -103,4 +104,5 @@ def precompute_ref(
     except (ConfigError, RefCacheError, DataError, ValueError) as exc:  # incl. ModelLoadError
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"reference cache: {out}  (train with: mpo train {config} train.ref_cache={out})")
+    again = [o for o in overrides or [] if not o.startswith("train.ref_cache=")] + [f"train.ref_cache={out}"]
+    typer.echo(f"reference cache: {out}  (train with: mpo train {shlex.join([str(config), *again])})")

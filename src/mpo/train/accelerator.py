@@ -17,7 +17,7 @@ from mpo.train.config import RunConfig
 from mpo.train.setup import deepspeed_config
 
 __all__ = ["TrainingError", "make_accelerator", "accelerator_for", "zero_stage_of", "mean_over_ranks",
-           "pairs_on_any_rank"]
+           "pairs_on_all_ranks", "mean_over_used_pairs"]
 
 log = logging.getLogger("mpo.train")
 
@@ -100,8 +100,27 @@ def mean_over_ranks(accelerator: Accelerator):
     return reduce
 
 
-def pairs_on_any_rank(acc: Accelerator, n_pairs: int) -> bool:
-    """Whether any rank trained on a pair in this step (collective under several processes)."""
+def pairs_on_all_ranks(acc: Accelerator, n_pairs: int) -> int:
+    """The pairs all ranks trained on in this step (collective under several processes)."""
     if acc.num_processes == 1:
-        return n_pairs > 0
-    return bool(acc.reduce(torch.tensor([n_pairs], device=acc.device), reduction="sum").item())
+        return n_pairs
+    return int(acc.reduce(torch.tensor([n_pairs], device=acc.device), reduction="sum").item())
+
+
+def mean_over_used_pairs(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_pairs: int,
+                         per_rank: int) -> None:
+    """Make the accumulated gradients the mean over the pairs this step used on all ranks (collective).
+
+    Micro-batches backpropagate 1 / (``per_rank`` × processes) per pair, so rows dropped as bad would shrink the
+    step (the seed replaced them by random rows, and its steps always averaged a full batch): the gradients are
+    scaled by full / used. With no pair on any rank the weight-0 stand-ins left zero gradients, which AdamW would
+    still step (its moments decay): such a step updates nothing, as in one process, which has no gradients then.
+    """
+    used = pairs_on_all_ranks(acc, n_pairs)
+    full = per_rank * acc.num_processes
+    if used == 0:
+        optimizer.zero_grad(set_to_none=True)
+    elif used != full:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(full / used)

@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["PAIR_ATTENTION", "PairSpans", "pair_attention_forward", "use_pair_attention", "language_config",
-           "refuse_sliding_window"]
+           "has_sliding_window", "refuse_sliding_window"]
 
 PAIR_ATTENTION = "mpo_pairs"
 SPANS_KWARG = "mpo_pair_spans"
@@ -125,9 +125,13 @@ def language_config(backbone: torch.nn.Module):
     return (lm if lm is not None else backbone).config
 
 
+def has_sliding_window(backbone: torch.nn.Module) -> bool:
+    return "sliding_attention" in (getattr(language_config(backbone), "layer_types", None) or [])
+
+
 def refuse_sliding_window(backbone: torch.nn.Module) -> None:
     """The shared layout's masks (pair attention and block mask alike) know no sliding window: refuse such models."""
-    if "sliding_attention" in (getattr(language_config(backbone), "layer_types", None) or []):
+    if has_sliding_window(backbone):
         raise ValueError(f"{type(backbone).__name__} has sliding-window attention layers, which the shared pair "
                          "layout does not implement; use train.pair_layout=naive")
 

@@ -290,15 +290,24 @@ def restart_logs(output_dir: Path) -> list[Path]:
 # resuming a run
 
 
-def require_same_global_batch(path: Path, global_batch: int) -> None:
-    """The saved data position counts steps of the checkpoint's global batch; with another one it points at other
-    pairs (some trained twice, some never)."""
+def require_same_order(path: Path, global_batch: int, pairs_by_dataset: dict[str, int]) -> None:
+    """The saved data position counts steps of the checkpoint's global batch through an epoch order drawn for the
+    checkpoint's data: with another global batch, or datasets that gained or lost rows, it points at other pairs
+    (some trained twice in the epoch, some never)."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     saved = state.get("global_batch")
     if saved is not None and saved != global_batch:
         raise ValueError(f"--resume: {path} was written with {saved} pairs per optimizer step (per-device batch × "
                             f"accumulation × processes) and this run has {global_batch}: its data position would "
                             f"point at other pairs; resume with train.global_batch_size={saved}")
+    before = state.get("pairs_by_dataset")
+    if before is not None and before != pairs_by_dataset:
+        changes = [f"{name} {before.get(name, 0)} → {pairs_by_dataset.get(name, 0)}"
+                   for name in dict.fromkeys([*before, *pairs_by_dataset])
+                   if before.get(name, 0) != pairs_by_dataset.get(name, 0)]
+        raise ValueError(f"--resume: the data changed since {path} was written (pairs per epoch: "
+                         f"{', '.join(changes[:4])}{', ...' if len(changes) > 4 else ''}): the saved position would "
+                         "point at other pairs; resume with the data of the checkpoint, or start a new run")
 
 
 def restore_run(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,

@@ -26,8 +26,9 @@ from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.system import resolve_system_prompt
 from mpo.models import load_model, load_processor
+from mpo.train.attention import has_sliding_window
 from mpo.train.data import Collator, EncodedPairs
-from mpo.train.forward import PairScorer
+from mpo.train.forward import PairScorer, backbone_of
 from mpo.train.shared import SUPPORTED_ATTENTION
 
 __all__ = ["EvalReport", "run_eval", "resolve_run_model", "score_pairs"]
@@ -95,7 +96,9 @@ def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
 def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, pad_id: int):
     """Yield (sources, chosen_logps (B,), rejected_logps (B,), errors) over the dataset in order."""
     attn = getattr(scorer.model.config, "_attn_implementation", None) or "sdpa"
-    layout = "shared" if attn in SUPPORTED_ATTENTION else "naive"  # shared: exact and ~2x less prompt compute
+    # shared: exact and ~2x less prompt compute; the plain layout for what it cannot run
+    shared = attn in SUPPORTED_ATTENTION and not has_sliding_window(backbone_of(scorer.model))
+    layout = "shared" if shared else "naive"
     collate = Collator(pad_id, layout, attn_implementation=attn, dtype=next(scorer.parameters()).dtype)
     scorer.eval()
     for start in range(0, len(dataset), batch_size):

@@ -39,11 +39,19 @@ from mpo.data.system import resolve_system_prompt
 from mpo.fsio import atomic_write_json
 from mpo.models import load_model, load_processor
 from mpo.train.accelerator import accelerator_for, make_accelerator, zero_stage_of
+from mpo.train.attention import refuse_sliding_window
 from mpo.train.config import RunConfig
 from mpo.train.data import Collator, EncodedPairs, first_usable, prefetch, question_key, vision_filler
 from mpo.train.forward import PairScorer, backbone_of
 from mpo.train.refcache import PartWriter, RefCacheError, _diff, fingerprint, merge_parts, read_parts
-from mpo.train.setup import Zero3PairScorer, deepspeed_reference, disable_dropout
+from mpo.train.setup import (
+    LOCK_FILE,
+    Zero3PairScorer,
+    claim_folder,
+    deepspeed_reference,
+    disable_dropout,
+    release_folder,
+)
 
 __all__ = ["run_precompute", "cache_dir_of"]
 
@@ -54,15 +62,38 @@ def cache_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.train.ref_cache) if cfg.train.ref_cache else Path(cfg.train.output_dir) / "ref_cache"
 
 
+_CACHE_FILES = ("fingerprint.partial.json", "fingerprint.json", "parts", "logps.npz")
+
+
+def _require_cache_folder(out: Path) -> None:
+    """The cache goes into a new or empty folder, or one that holds a cache: never into a run folder or anything
+    else (its rejected_rows.jsonl would be emptied, cache files mixed in)."""
+    if not out.is_dir():
+        return
+    if any(p.name != LOCK_FILE for p in out.iterdir()) and not any((out / n).exists() for n in _CACHE_FILES):
+        raise RefCacheError(f"train.ref_cache {out}: exists and holds no reference cache; refusing to write into it: "
+                            "choose a new folder")
+
+
 def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True) -> Path:
     """Fill the reference cache for ``cfg``'s data; returns the cache folder."""
+    try:
+        return _fill_cache(cfg, batch_size, progress)
+    finally:
+        release_folder(cache_dir_of(cfg))
+
+
+def _fill_cache(cfg: RunConfig, batch_size: int, progress: bool) -> Path:
     cfg.require_paths()
     # DeepSpeed only under a launcher: `mpo precompute-ref PRESET` in one plain process loads the reference whole,
     # as before (a preset names zero3.json for its training run)
     acc = accelerator_for(cfg) if cfg.train.deepspeed and "LOCAL_RANK" in os.environ else make_accelerator()
     zero3 = zero_stage_of(acc) == 3
     out = cache_dir_of(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    _require_cache_folder(out)
+    if acc.is_main_process:
+        claim_folder(out, "train.ref_cache")
+    acc.wait_for_everyone()
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     specs = read_meta(cfg.data.meta_path)
     fp = fingerprint(cfg, specs, processor)
@@ -120,9 +151,12 @@ def run_precompute(cfg: RunConfig, *, batch_size: int = 8, progress: bool = True
                 ds[key]["enabled"] = dtype == half
         scorer = deepspeed_reference(scorer, ds, 3)
     tok = getattr(processor, "tokenizer", processor)
-    collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, "shared",
+    layout = cfg.train.pair_layout  # naive: models the shared layout cannot run (sliding-window attention)
+    if layout == "shared":
+        refuse_sliding_window(backbone_of(model))
+    collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0, layout,
                        attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype,
-                       vision_filler=filler, group_prompts=True)
+                       vision_filler=filler, group_prompts=layout == "shared")
     plan = _batches(mine, batch_size)
     n_batches = len(plan)
     if lockstep:  # every rank runs as many forwards as the busiest one

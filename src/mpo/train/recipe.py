@@ -46,9 +46,10 @@ from mpo.train.accelerator import (
     _derive_accumulation,
     accelerator_for,
     mean_over_ranks,
-    pairs_on_any_rank,
+    mean_over_used_pairs,
     zero_stage_of,
 )
+from mpo.train.attention import refuse_sliding_window
 from mpo.train.config import RunConfig
 from mpo.train.data import (
     Collator,
@@ -67,6 +68,7 @@ from mpo.train.setup import (
     add_lora,
     apply_freezing,
     apply_vision_drop_path,
+    claim_folder,
     count_parameters,
     deepspeed_reference,
     disable_dropout,
@@ -76,6 +78,8 @@ from mpo.train.setup import (
     load_reference,
     local_paths_absolute,
     param_ndim,
+    refuse_replacing_given_config,
+    release_folder,
     require_usable_rows,
     set_seed,
     start_afresh,
@@ -122,18 +126,22 @@ class Run:
 # setup
 
 
-def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
+def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | None = None) -> Run:
+    """``config_path``: the file ``cfg`` was read from, if any (it must not be the run's own config.yaml)."""
     cfg.require_paths()
     accelerator = accelerator_for(cfg)
     _derive_accumulation(cfg, accelerator.num_processes)
     zero_stage = zero_stage_of(accelerator)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        claim_folder(out, "train.output_dir")
+    accelerator.wait_for_everyone()
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is None:
         start_afresh(out, accelerator, resume)
     set_seed(cfg.train.seed)
     config_text = yaml.safe_dump(local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+    refuse_replacing_given_config(out, config_path, config_text)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", config_text)
 
@@ -144,6 +152,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     disable_dropout(model)
     apply_freezing(model, cfg.model)
     tc = cfg.train
+    if tc.pair_layout == "shared":  # now, not at the first forward
+        refuse_sliding_window(backbone_of(model))
     # several processes: every micro-batch runs the vision modules, first (PairScorer.vision_first, Collator)
     multi = accelerator.num_processes > 1 and hasattr(backbone_of(model), "get_image_features")
     scorer_type = functools.partial(Zero3PairScorer if zero_stage == 3 else PairScorer, vision_first=multi)
@@ -211,7 +221,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
-        ckpt.require_same_global_batch(latest, order.global_batch)
+        ckpt.require_same_order(latest, order.global_batch, mixture.dataset_sizes)
         try:
             start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
         except ValueError as exc:  # written by another engine (DeepSpeed or not)
@@ -323,16 +333,16 @@ def _train_steps(run: Run, batches) -> TrainResult:
                     delta=run.delta.value, **_lengths(batch, cfg.loss.loss_types))
                 if not torch.isfinite(out.loss):
                     _nonfinite(step + 1, f"the loss is {out.loss.item()}", batch, tc.output_dir)
-                _backward(run, out.loss * weight, last_micro=micro == accum - 1)
+                # per pair 1 / (per-device batch × accumulation × processes): a micro-batch that lost rows adds
+                # less, and the step is brought back to the mean over its usable pairs below
+                share = batch.num_pairs / tc.per_device_batch_size
+                _backward(run, out.loss * weight * share, last_micro=micro == accum - 1)
             for k, v in out.metrics.items():  # a stand-in adds 0 but its keys: the ranks reduce equal lists
                 sums[k] = sums.get(k, 0.0) + v * batch.num_pairs * weight
             n_pairs += int(batch.num_pairs * weight)
             n_tokens += int(batch.num_tokens * weight)
-        if lockstep and zero_stage_of(acc) < 0 and not pairs_on_any_rank(acc, n_pairs):
-            # no rank had a usable pair: stand-ins left zero gradients, which AdamW would still step (its moments
-            # decay); one process skips such a step (no gradients at all), so several skip it too. DeepSpeed steps
-            # inside its engine at the boundary and is left as it is (docs/launch.md)
-            run.optimizer.zero_grad(set_to_none=True)
+        if zero_stage_of(acc) < 0:  # DeepSpeed stepped inside its engine at the boundary (docs/launch.md)
+            mean_over_used_pairs(acc, run.scorer, run.optimizer, n_pairs, tc.per_device_batch_size * accum)
         grad_norm = acc.clip_grad_norm_(run.scorer.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
         run.optimizer.step()
         run.scheduler.step()
@@ -433,6 +443,7 @@ def save(run: Run, step: int) -> None:
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
                  "world_size": acc.num_processes, "global_batch": run.order.global_batch,
+                 "pairs_by_dataset": run.loader.dataset.mixture.dataset_sizes,
                  "log_bytes": ckpt.log_sizes(out)}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
@@ -441,23 +452,26 @@ def save(run: Run, step: int) -> None:
     acc.wait_for_everyone()
 
 
-def run_train(cfg: RunConfig, *, resume: bool = False) -> TrainResult:
+def run_train(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | None = None) -> TrainResult:
     """Set up and train; writes checkpoints and the final model under ``cfg.train.output_dir``."""
     try:
-        run = setup(cfg, resume=resume)
-    except ConfigError:
-        raise
-    except (DataError, RefCacheError, ValueError) as exc:  # the model, data or settings cannot make this run
-        raise TrainingError(str(exc)) from exc
-    try:
-        result = train(run)
-    except DataError as exc:  # on_bad_row: error
-        raise TrainingError(f"{exc} (data.on_bad_row=error stops at the first bad row)") from None
+        try:
+            run = setup(cfg, resume=resume, config_path=config_path)
+        except ConfigError:
+            raise
+        except (DataError, RefCacheError, ValueError) as exc:  # the model, data or settings cannot make this run
+            raise TrainingError(str(exc)) from exc
+        try:
+            result = train(run)
+        except DataError as exc:  # on_bad_row: error
+            raise TrainingError(f"{exc} (data.on_bad_row=error stops at the first bad row)") from None
+        finally:
+            run.rejects.close()
+            run.metrics.close()
+        export_final(run)
+        return result
     finally:
-        run.rejects.close()
-        run.metrics.close()
-    export_final(run)
-    return result
+        release_folder(Path(cfg.train.output_dir))
 
 
 def export_final(run: Run) -> None:

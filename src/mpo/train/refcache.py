@@ -125,9 +125,13 @@ def read_parts(cache_dir: Path) -> Iterator[tuple[str, int, float, float]]:
             log.warning("%s: discarding a torn last line (%d bytes)", part, len(data) - end)
             with open(part, "r+b") as fh:
                 fh.truncate(end)
-        for raw in data[:end].splitlines():
-            row = json.loads(raw)
-            yield row["d"], int(row["l"]), float(row["c"]), float(row["r"])
+        for number, raw in enumerate(data[:end].splitlines(), 1):
+            try:
+                row = json.loads(raw)
+                yield row["d"], int(row["l"]), float(row["c"]), float(row["r"])
+            except (ValueError, KeyError, TypeError) as exc:  # a damaged file: name it, do not guess its scores
+                raise RefCacheError(f"{part}:{number}: not a cache line ({type(exc).__name__}: {exc}); delete the "
+                                    "file to recompute its pairs") from None
 
 
 def merge_parts(cache_dir: Path, fp: dict) -> int:

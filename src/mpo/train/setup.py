@@ -18,6 +18,8 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +39,7 @@ __all__ = ["ModelParts", "model_parts", "apply_freezing", "disable_dropout", "ad
            "count_parameters", "apply_vision_drop_path", "freeze_train_mode", "set_seed", "param_ndim",
            "deepspeed_config", "keep_used_weight_conversions", "ScoreTensors", "Zero3PairScorer",
            "load_reference", "deepspeed_reference", "gathered_vision", "local_paths_absolute", "start_afresh",
-           "require_usable_rows"]
+           "require_usable_rows", "claim_folder", "release_folder", "refuse_replacing_given_config"]
 
 log = logging.getLogger(__name__)
 
@@ -370,3 +372,58 @@ def require_usable_rows(dataset: EncodedPairs, cfg: RunConfig, rejects: Rejected
         handle_bad_row(dataset[i], cfg.data.on_bad_row, rejects)
     raise TrainingError(f"{cfg.data.meta_path}: none of the {len(dataset)} rows is usable; the reasons are in "
                         f"{rejects.path} (check them with: mpo data check {cfg.data.meta_path} --model {cfg.model.path})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output folder: one writer at a time, and never the user's own config file
+
+LOCK_FILE = ".mpo.lock"
+_HELD: dict[str, Any] = {}  # folder → open lock file of this process (a resume in the same process reuses it)
+
+
+def claim_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` and hold an exclusive lock on it until :func:`release_folder` or the process ends: two
+    runs writing one folder replace each other's checkpoints, final model and cache parts. ``what`` names the
+    setting in the messages (``train.output_dir``)."""
+    import fcntl
+
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder}: is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:
+        return
+    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held until released)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(f"{what} {folder}: another mpo process ({owner}) is writing to it; wait for it to end or "
+                         "choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _HELD[key] = handle
+
+
+def release_folder(folder: Path) -> None:
+    handle = _HELD.pop(str(folder.resolve()), None)
+    if handle is not None:
+        handle.close()  # closing drops the flock
+
+
+def refuse_replacing_given_config(out: Path, config_path: str | Path | None, config_text: str) -> None:
+    """``out/config.yaml`` is the run's resolved config, rewritten at every start: refuse when it is the very file
+    the run was started from and would change (its comments, and the overrides becoming its values)."""
+    if config_path is None:
+        return
+    target = out / "config.yaml"
+    if not target.is_file() or Path(config_path).resolve() != target.resolve():
+        return
+    if target.read_text(encoding="utf-8") != config_text:
+        raise ValueError(f"{config_path}: this config file is the run folder's config.yaml, where mpo writes the "
+                         "run's resolved config (your comments would go, the overrides would become its values); "
+                         "copy it out of train.output_dir and start from the copy")
