@@ -54,6 +54,7 @@ def test_demo_end_to_end_small(tmp_path):
     assert summary["steps"] == 2
     assert (tmp_path / "demo" / "report.png").stat().st_size > 1000
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 2
+    (tmp_path / "demo" / "tiny-internvl" / "mpo_tiny.json").unlink()  # as a demo from before the marker
     run_demo(tmp_path / "demo", steps=1, n_pairs=96, n_heldout=8)  # again into the same folder: trained anew
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["steps"] == 1
 

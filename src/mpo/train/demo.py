@@ -25,7 +25,7 @@ import yaml
 from mpo.config import load_config
 from mpo.data.demo import demo_corpus, write_demo
 from mpo.fsio import atomic_write_json
-from mpo.models.tiny import build_tiny
+from mpo.models.tiny import TINY_MARKER, build_tiny
 from mpo.train.config import RunConfig
 from mpo.train.evaluate import run_eval
 from mpo.train.recipe import run_train
@@ -44,7 +44,8 @@ def _image_accuracy(report) -> float:
 
 
 def _clear_earlier_demo_run(run_dir: Path, model_dir: Path) -> None:
-    """Remove the run of an earlier ``mpo demo`` into the same folder (trained anew); refuse any other folder."""
+    """Remove the run of an earlier ``mpo demo`` into the same folder (trained anew); refuse any other folder. The
+    model that run trained goes too when it predates ``mpo_tiny.json`` (build_tiny would refuse to replace it)."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     config = run_dir / "config.yaml"
@@ -57,6 +58,8 @@ def _clear_earlier_demo_run(run_dir: Path, model_dir: Path) -> None:
         raise FileExistsError(f"{run_dir}: exists and is not an earlier demo run (its config.yaml does not train "
                               f"{model_dir}); refusing to replace it: choose another --out")
     shutil.rmtree(run_dir)
+    if model_dir.is_dir() and not (model_dir / TINY_MARKER).exists():
+        shutil.rmtree(model_dir)
 
 
 def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, n_heldout: int = 200,
