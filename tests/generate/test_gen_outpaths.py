@@ -160,3 +160,23 @@ def test_correctness_still_binds_the_tiling_flags(tmp_path):
     run_correctness(CorrectnessConfig(**base), FakeSampler(), env={})
     with pytest.raises(sharding.ResumeError, match="dynamic: this output was started with False, now True"):
         run_correctness(CorrectnessConfig(**base, dynamic=True), FakeSampler(), env={})
+
+
+def test_an_output_started_before_the_system_prompt_setting_resumes_with_none(tmp_path):
+    """Settings written before ``--system-prompt`` existed hold no ``system_prompt``: those samples were drawn without
+    a system turn of ours, so ``--system-prompt none`` continues them and ``auto`` (InternVL's line) is refused."""
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, ROWS)
+
+    def cfg(**kw):
+        return DropoutNTPConfig(checkpoint="org/tiny", prompt_path=str(prompts), out_dir=str(tmp_path / "out"),
+                                progress=False, num_workers=0, **kw)
+
+    first = run_dropout_ntp(cfg(system_prompt="none"), FakeSampler(), env={})
+    settings = first.output.parent / "parts" / "p.jsonl.settings.json"
+    recorded = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in recorded.items() if k != "system_prompt"}))  # the old code's
+    with pytest.raises(sharding.ResumeError, match="system_prompt: this output was started with 'none', now 'auto'"):
+        run_dropout_ntp(cfg(num_return_sequences=2), FakeSampler(), env={})
+    again = run_dropout_ntp(cfg(system_prompt="none", num_return_sequences=2), FakeSampler(), env={})
+    assert again.generated == 2

@@ -217,6 +217,8 @@ def check_settings(layout: OutputLayout, settings: dict[str, Any], *, started: b
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResumeError(f"{path}: not valid JSON ({err}); restore it, or move the output folder away to "
                           "start afresh") from None
+    # settings recorded before the system message was one: those prompts had no system turn of ours
+    old = {"system_prompt": "none", **old}
     for key in sorted(settings):
         if key == "prompt_path" and key not in old:  # written before the prompt file was recorded: unknown
             continue
