@@ -148,3 +148,20 @@ def test_every_malformed_line_is_written_aside_and_the_console_keeps_the_first_2
     assert "raw" not in rows[24] and base64.b64decode(rows[24]["raw_base64"]) == raw_bytes
     assert rows[24]["message"].startswith("not valid JSON (")
     assert not [p for p in report.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_dataset_done_before_the_malformed_lines_report_is_not_judged_again(tmp_path: Path) -> None:
+    """Manifests written before reports/<ds>.malformed_lines.jsonl existed list four outputs: those datasets are done
+    (judging MMPR-sized files again after an upgrade costs hours)."""
+    data = write_stage1(tmp_path / "data").parent
+    save = tmp_path / "S"
+    assert _cli(data, save).exit_code == 0
+    manifest = json.loads((save / "manifest.json").read_text())
+    for entry in manifest["datasets"].values():  # as the previous version wrote it
+        entry["outputs"] = [p for p in entry["outputs"] if "malformed_lines" not in p]
+    (save / "manifest.json").write_text(json.dumps(manifest))
+    for report in (save / "reports").glob("*.malformed_lines.jsonl"):
+        report.unlink()
+    again = _cli(data, save)
+    assert again.exit_code == 0 and "skipped (done, see manifest.json)" in again.output
+    assert "malformed_lines=" not in again.output  # no report to point at

@@ -154,8 +154,9 @@ def test_only_a_tiny_model_is_replaced(tmp_path):
     assert json.loads((first / "mpo_tiny.json").read_text())["seed"] == 1
     (first / "mpo_tiny.json").unlink()  # now it looks like any downloaded checkpoint or a run's final/
     weights = (first / "model.safetensors").read_bytes()
-    with pytest.raises(FileExistsError, match=r"m: holds a model that `mpo models tiny` did not write \(no "
-                                              r"mpo_tiny\.json\); refusing to replace it"):
+    with pytest.raises(FileExistsError, match=r"m: holds a model without the mark of `mpo models tiny` \(a "
+                                              r"checkpoint, a run's final/, or a tiny model built before mpo marked "
+                                              r"them\) \(no mpo_tiny\.json\); refusing to replace it"):
         build_tiny(tmp_path / "m", "qwen2", vocab_size=400)
     assert (first / "model.safetensors").read_bytes() == weights
 

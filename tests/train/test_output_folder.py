@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -17,14 +18,30 @@ from mpo.train.recipe import TrainingError, run_train
 from mpo.train.refcache import RefCacheError, read_parts
 from mpo.train.setup import LOCK_FILE
 
+_HOLD = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+f.write("pid 4242 on elsewhere\\n"); f.flush()
+fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+if sys.argv[2] == "fork":  # a child that outlives its parent, as DataLoader workers after a kill
+    if os.fork() == 0:
+        time.sleep(20); os._exit(0)
+    print("locked", flush=True); os._exit(0)
+print("locked", flush=True); time.sleep(60)
+"""
+
+
+def _hold(lock, how: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock), how], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
 
 def test_a_folder_another_process_writes_to_is_refused(demo_model, demo_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    with open(out / LOCK_FILE, "w") as other:  # another open file: as another process would hold it
-        other.write("pid 4242 on elsewhere\n")
-        other.flush()
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other = _hold(out / LOCK_FILE, "hold")
+    try:
         with pytest.raises(TrainingError, match=r"^train\.output_dir .*/run: another mpo process \(pid 4242 on "
                                                 r"elsewhere\) is writing to it; wait for it to end or choose another "
                                                 r"folder$"):
@@ -32,10 +49,21 @@ def test_a_folder_another_process_writes_to_is_refused(demo_model, demo_data, tm
         with pytest.raises(ValueError, match=r"^train\.ref_cache .*/run: another mpo process"):
             run_precompute(run_config(demo_model, demo_data / "meta.json", tmp_path / "x", f"train.ref_cache={out}"),
                            progress=False)
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written meanwhile
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written meanwhile
+    finally:
+        other.kill()
+        other.wait()
     result = run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=1"))
     assert result.steps == 1  # the lock went with its holder; the finished run released its own
-    run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run2", "train.max_steps=1"))
+    run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=2"), resume=True)  # again
+
+
+def test_the_lock_dies_with_its_process_not_with_its_forked_children(demo_model, demo_data, tmp_path):
+    """flock would stay held by forked DataLoader workers that outlive a killed run: the rerun was refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    _hold(out / LOCK_FILE, "fork").wait()  # the holder exited; its forked child still runs
+    assert run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=1")).steps == 1
 
 
 def test_an_output_folder_that_is_a_file_is_one_line(demo_model, demo_data, tmp_path):
@@ -50,6 +78,7 @@ def test_the_config_file_given_is_never_rewritten(demo_model, demo_data, tmp_pat
     cfg = run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=1")
     mine = "# my notes\n" + yaml.safe_dump(json.loads(json.dumps(cfg, default=vars)), sort_keys=False)
     (out / "config.yaml").write_text(mine)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier attempt's log: a refusal keeps it too
     result = CliRunner().invoke(app, ["train", str(out / "config.yaml"), "train.learning_rate=0.5"])
     assert result.exit_code == 2
     assert result.output.endswith(f"error: {out / 'config.yaml'}: this config file is the run folder's config.yaml, "
@@ -57,6 +86,42 @@ def test_the_config_file_given_is_never_rewritten(demo_model, demo_data, tmp_pat
                                   "would become its values); copy it out of train.output_dir and start from the "
                                   "copy\n")
     assert (out / "config.yaml").read_text() == mine
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_run_resumes_from_its_own_config_file(demo_model, demo_data, tmp_path):
+    """The config.yaml mpo wrote is rewritten as usual, so `mpo train RUN/config.yaml --resume` works."""
+    out = tmp_path / "run"
+    run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=1", "train.save_steps=1"))
+    result = CliRunner().invoke(app, ["train", str(out / "config.yaml"), "train.max_steps=2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "max_steps: 2" in (out / "config.yaml").read_text()
+
+
+def test_a_run_from_before_the_system_message_resumes_and_evaluates_without_it(demo_model, demo_data, tmp_path):
+    """Its checkpoints record no system message and its config.yaml no data.system_prompt: it trained without one.
+    Resuming with InternVL's line would change the prompts mid-run (refused, naming the fix); eval renders none."""
+    from mpo.data.system import INTERNVL_SYSTEM_PROMPT
+    from mpo.train.evaluate import run_eval
+
+    out = tmp_path / "run"
+    run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=1", "train.save_steps=1"))
+    state = out / "checkpoint-1" / "trainer_state.json"
+    assert json.loads(state.read_text())["system_prompt"] == INTERNVL_SYSTEM_PROMPT
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "system_prompt"}))
+    with pytest.raises(TrainingError, match=r"^--resume: .*checkpoint-1 was trained with the system message None "
+                                            r"and this run renders '你是书生·万象.*': the rest of the run would see "
+                                            r"other prompts; resume with data\.system_prompt=none$"):
+        run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=2"), resume=True)
+    run_train(run_config(demo_model, demo_data / "meta.json", out, "train.max_steps=2", "data.system_prompt=none"),
+              resume=True)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["data"]["system_prompt"]  # as mpo wrote it before the key existed
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    old = run_eval(str(out), str(demo_data / "meta_heldout.json"), max_length=512, max_dynamic_patch=1)
+    none = run_eval(str(out), str(demo_data / "meta_heldout.json"), max_length=512, max_dynamic_patch=1,
+                    system_prompt="none")
+    assert old.to_json() == none.to_json()
 
 
 def test_precompute_writes_only_into_a_cache_folder(demo_model, demo_data, tmp_path):

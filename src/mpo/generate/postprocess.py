@@ -399,8 +399,10 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
         done = datasets.get(path.stem)
         paths = output_paths(cfg.save_dir, path.stem)
         listed = [str(p.relative_to(cfg.save_dir)) for p in paths.values()]
+        # the outputs that run wrote: a dataset done before the malformed-lines report existed is still done
+        written = [cfg.save_dir / p for p in done.get("outputs", listed)] if done else []
         if (not cfg.overwrite and done and done.get("source") == source
-                and done.get("settings") == settings and all(p.is_file() for p in paths.values())):
+                and done.get("settings") == settings and all(p.is_file() for p in written)):
             stats = DatasetStats(**{**done["counts"], "dataset": path.stem, "skipped": True})
         else:
             # listed before they are written (no settings: not done), so that files a crash leaves are ours
@@ -411,7 +413,7 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
                       if k not in ("dataset", "skipped", "errors", "malformed_report")}
             datasets[path.stem] = {"source": source, "settings": settings, "counts": counts, "outputs": listed}
             atomic_write_json(manifest_path, manifest)
-        stats.malformed_report = str(paths["malformed"])
+        stats.malformed_report = str(paths["malformed"]) if paths["malformed"].is_file() else ""
         for message in stats.errors:
             log(f"malformed: {message}")
         if stats.malformed > len(stats.errors) and not stats.skipped:

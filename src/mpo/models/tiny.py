@@ -304,7 +304,8 @@ def build_tiny(out_dir: str | Path, arch: str = "internvl", *, corpus: list[str]
     out = Path(out_dir)
     real = replaceable_dir(out)  # before the build: a file or the current folder is refused in no time
     if real.exists() and any(real.iterdir()) and not (real / TINY_MARKER).is_file():
-        what = ("holds a model that `mpo models tiny` did not write" if (real / "config.json").exists()
+        what = ("holds a model without the mark of `mpo models tiny` (a checkpoint, a run's final/, or a tiny "
+                "model built before mpo marked them)" if (real / "config.json").exists()
                 else "exists and is not a model folder")
         raise FileExistsError(f"{out}: {what} (no {TINY_MARKER}); refusing to replace it: delete it yourself or "
                               "choose another folder")

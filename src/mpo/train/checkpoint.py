@@ -290,11 +290,19 @@ def restart_logs(output_dir: Path) -> list[Path]:
 # resuming a run
 
 
-def require_same_order(path: Path, global_batch: int, pairs_by_dataset: dict[str, int]) -> None:
+def require_same_order(path: Path, global_batch: int, pairs_by_dataset: dict[str, int],
+                       system_prompt: str | None) -> None:
     """The saved data position counts steps of the checkpoint's global batch through an epoch order drawn for the
     checkpoint's data: with another global batch, or datasets that gained or lost rows, it points at other pairs
-    (some trained twice in the epoch, some never)."""
+    (some trained twice in the epoch, some never). The prompts keep their system message (``system_prompt``, the
+    resolved text or None; checkpoints from before it was recorded had none)."""
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    saved_system = state.get("system_prompt")
+    if saved_system != system_prompt:
+        how = "data.system_prompt=none" if saved_system is None else f"data.system_prompt={saved_system!r}"
+        raise ValueError(f"--resume: {path} was trained with the system message {saved_system!r} and this run "
+                         f"renders {system_prompt!r}: the rest of the run would see other prompts; resume with "
+                         f"{how}")
     saved = state.get("global_batch")
     if saved is not None and saved != global_batch:
         raise ValueError(f"--resume: {path} was written with {saved} pairs per optimizer step (per-device batch × "

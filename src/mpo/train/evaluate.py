@@ -110,12 +110,13 @@ def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, p
         yield batch.sources, scores.chosen_logps, scores.rejected_logps, errors
 
 
-def _run_setting(model_path: str | Path, section: str, key: str):
-    """``section.key`` of the run that trained ``model_path`` (a run folder or its ``final``), if it is one."""
+def _run_setting(model_path: str | Path, section: str, key: str, missing=None):
+    """``section.key`` of the run that trained ``model_path`` (a run folder or its ``final``); ``missing`` for a run
+    whose config has no such key (written before it existed); None if ``model_path`` is no run."""
     path = Path(model_path)
     for cfg in (path / "config.yaml", path.parent / "config.yaml"):
         if cfg.is_file():
-            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get(section, {}).get(key)
+            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, missing)
     return None
 
 
@@ -125,7 +126,7 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
     if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
         beta = _run_setting(model_path, "loss", "beta") or 0.1
     if system_prompt is None:  # the run's own prompts
-        system_prompt = _run_setting(model_path, "data", "system_prompt") or "auto"
+        system_prompt = _run_setting(model_path, "data", "system_prompt", missing="none") or "auto"
     model_path, recorded = resolve_run_model(model_path)
     reference = reference if reference is not None else recorded
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)

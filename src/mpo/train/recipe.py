@@ -136,12 +136,12 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     if accelerator.is_main_process:
         claim_folder(out, "train.output_dir")
     accelerator.wait_for_everyone()
+    config_text = yaml.safe_dump(local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+    refuse_replacing_given_config(out, config_path)  # before anything in the folder changes
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is None:
         start_afresh(out, accelerator, resume)
     set_seed(cfg.train.seed)
-    config_text = yaml.safe_dump(local_paths_absolute(to_dict(cfg)), sort_keys=False, allow_unicode=True)
-    refuse_replacing_given_config(out, config_path, config_text)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", config_text)
 
@@ -221,7 +221,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
-        ckpt.require_same_order(latest, order.global_batch, mixture.dataset_sizes)
+        ckpt.require_same_order(latest, order.global_batch, mixture.dataset_sizes, encoder.system_prompt)
         try:
             start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
         except ValueError as exc:  # written by another engine (DeepSpeed or not)
@@ -444,6 +444,7 @@ def save(run: Run, step: int) -> None:
                  "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
                  "world_size": acc.num_processes, "global_batch": run.order.global_batch,
                  "pairs_by_dataset": run.loader.dataset.mixture.dataset_sizes,
+                 "system_prompt": run.loader.dataset.encoder.system_prompt,
                  "log_bytes": ckpt.log_sizes(out)}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,

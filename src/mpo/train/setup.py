@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 from accelerate import Accelerator
 from torch import nn
 
@@ -384,7 +385,10 @@ _HELD: dict[str, Any] = {}  # folder → open lock file of this process (a resum
 def claim_folder(folder: Path, what: str) -> None:
     """Create ``folder`` and hold an exclusive lock on it until :func:`release_folder` or the process ends: two
     runs writing one folder replace each other's checkpoints, final model and cache parts. ``what`` names the
-    setting in the messages (``train.output_dir``)."""
+    setting in the messages (``train.output_dir``).
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so forked DataLoader workers
+    do not hold it on after a kill of the main process, and this process may claim the folder again."""
     import fcntl
 
     if folder.exists() and not folder.is_dir():
@@ -395,8 +399,8 @@ def claim_folder(folder: Path, what: str) -> None:
         return
     handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held until released)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EAGAIN / EACCES: another process holds it
         handle.seek(0)
         owner = handle.read().strip() or "unknown"
         handle.close()
@@ -412,18 +416,25 @@ def claim_folder(folder: Path, what: str) -> None:
 def release_folder(folder: Path) -> None:
     handle = _HELD.pop(str(folder.resolve()), None)
     if handle is not None:
-        handle.close()  # closing drops the flock
+        handle.close()  # closing drops the lock
 
 
-def refuse_replacing_given_config(out: Path, config_path: str | Path | None, config_text: str) -> None:
+def refuse_replacing_given_config(out: Path, config_path: str | Path | None) -> None:
     """``out/config.yaml`` is the run's resolved config, rewritten at every start: refuse when it is the very file
-    the run was started from and would change (its comments, and the overrides becoming its values)."""
+    the run was started from and was written by hand (its comments would go, the overrides would become its
+    values). One that mpo wrote (``yaml.safe_dump`` text, as ``mpo train RUN/config.yaml --resume`` reads it) is
+    rewritten as usual."""
     if config_path is None:
         return
     target = out / "config.yaml"
     if not target.is_file() or Path(config_path).resolve() != target.resolve():
         return
-    if target.read_text(encoding="utf-8") != config_text:
+    text = target.read_text(encoding="utf-8")
+    try:
+        written_by_mpo = text == yaml.safe_dump(yaml.safe_load(text), sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError:
+        written_by_mpo = False
+    if not written_by_mpo:
         raise ValueError(f"{config_path}: this config file is the run folder's config.yaml, where mpo writes the "
                          "run's resolved config (your comments would go, the overrides would become its values); "
                          "copy it out of train.output_dir and start from the copy")
