@@ -69,3 +69,19 @@ def test_data_augment_without_tiles_is_refused(tiny_qwen25vl_dir, tmp_path):
     with pytest.raises(MetaError, match=r"^ds: data_augment re-encodes InternVL's image tiles as JPEG; "
                                         r"Qwen2_5_VLProcessor does not tile images \(set data_augment: false\)$"):
         _dataset(tmp_path, load_processor(tiny_qwen25vl_dir), True)
+
+
+def test_data_check_with_the_model_reports_what_training_refuses(tiny_qwen25vl_dir, tiny_internvl_dir, tmp_path):
+    """`mpo data check --model` passed the dataset, and `mpo train` then refused it."""
+    from mpo.data.check import run_check
+
+    _dataset(tmp_path, load_processor(tiny_internvl_dir), False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["ds"]["data_augment"] = True
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    report = run_check(tmp_path / "meta.json", processor=load_processor(tiny_qwen25vl_dir), progress=False)
+    (ds,) = report.datasets
+    assert ds.error == ("data_augment re-encodes InternVL's image tiles as JPEG; Qwen2_5_VLProcessor does not tile "
+                        "images (set data_augment: false)")
+    assert report.exit_code == 1
+    assert run_check(tmp_path / "meta.json", processor=load_processor(tiny_internvl_dir), progress=False).exit_code == 0

@@ -158,7 +158,7 @@ def test_text_only_model(text):
                                      "What colour is the cube?<|im_end|>\n<|im_start|>assistant\n")
     assert (pair.image_inputs, pair.n_images, pair.n_image_tokens) == ({}, 0, 0)
     assert text.plan_length(rec, []) == pair.length
-    with pytest.raises(RowError, match=r"^shapes:7: images: the model is text-only \(its processor is a tokenizer\) "
+    with pytest.raises(RowError, match=r"^shapes:7: image: the model is text-only \(its processor is a tokenizer\) "
                                        r"but the row has 1 image\(s\)$"):
         text.encode(record(), [image()])
 

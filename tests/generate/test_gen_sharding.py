@@ -288,3 +288,43 @@ def test_tp_without_vllm_is_refused_before_anything_is_written(tmp_path, prompt_
     assert str(err.value) == ("--tp 8: tensor parallelism needs --backend vllm (hf runs one model per process; "
                               "start one process per GPU instead)")
     assert not (tmp_path / "out").exists()
+
+
+class _TextOnlySampler(FakeSampler):
+    """Refuses a call with an image, as HFSampler does for a text-only model (or Qwen-VL for an image it cannot
+    size): ValueError from the processor, for the whole batched call."""
+
+    def sample(self, requests, n, params):
+        if any(req.images for req in requests):
+            raise ValueError("this checkpoint is a text-only model: it cannot take an image")
+        return super().sample(requests, n, params)
+
+
+def test_a_row_the_sampler_refuses_is_reported_and_the_others_are_sampled(tmp_path, prompt_file):
+    """It crashed the run with a traceback, and every rerun crashed on it again."""
+    cfg = _cfg(tmp_path, prompt_file)
+    result = run_correctness(cfg, _TextOnlySampler(), env={})
+    assert result.summary["items"] == 4 and result.summary["rejected_prompts"] == 1
+    assert result.summary["samples"] == 12 and result.generated == 12
+    (rejected,) = _lines(OutputLayout(result.output).rejected_prompts)
+    assert (rejected["line"], rejected["field"]) == (1, "image")
+    assert rejected["message"] == ("the model's processor refused it: this checkpoint is a text-only model: it cannot "
+                                   "take an image")
+    again = _TextOnlySampler()
+    run_correctness(cfg, again, env={})
+    assert again.calls == []  # reported once, not retried
+
+
+def test_a_rows_own_system_prompt_leads_its_request(tmp_path):
+    """Training renders the pair with the row's system_prompt, so its samples are drawn under it."""
+    from mpo.generate.dropout_ntp import DropoutNTPConfig, run_dropout_ntp
+
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, [{"question": "2+2?", "chosen": "The answer is 4", "system_prompt": "Be terse."},
+                          {"question": "3+3?", "chosen": "The answer is 6"}])
+    fake = FakeSampler()
+    run_dropout_ntp(DropoutNTPConfig(checkpoint="org/m", prompt_path=str(prompts), out_dir=str(tmp_path / "o"),
+                                     progress=False, num_workers=0), fake, env={})
+    first, second = fake.requests
+    assert first.messages[0] == {"role": "system", "content": [{"type": "text", "text": "Be terse."}]}
+    assert [m["role"] for m in second.messages] == ["user", "assistant"]  # the sampler adds --system-prompt's

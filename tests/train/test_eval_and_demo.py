@@ -88,6 +88,11 @@ def test_eval_table_says_how_many_rows_were_skipped_and_why(tiny_qwen2_dir, demo
     table = report.table()
     assert table.splitlines()[0].split()[:3] == ["dataset", "pairs", "skipped"]
     assert "81 rows skipped, e.g.:" in table and "the model is text-only" in table
+    # no scored pair: no accuracy (it read 0.0000, as if every pair had been lost)
+    assert report.datasets["shape_colour"]["logp_accuracy"] is None
+    assert report.datasets["shape_colour"]["mean_logp_margin"] is None
+    assert table.splitlines()[1].split()[:4] == ["shape_colour", "0", "57", "-"]
+    assert report.datasets["text_arith"]["logp_accuracy"] is not None
 
 
 def test_a_run_started_with_relative_paths_is_evaluated_from_anywhere(demo_model, demo_data, tmp_path, monkeypatch):

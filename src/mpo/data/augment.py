@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["JPEG_QUALITIES", "jpeg_degrade_tiles"]
+__all__ = ["JPEG_QUALITIES", "jpeg_degrade_tiles", "augment_refusal"]
 
 JPEG_QUALITIES = (75, 100)  # inclusive, as InternVL's qualities = list(range(75, 101))
 
@@ -41,3 +41,12 @@ def jpeg_degrade_tiles(pixel_values: torch.Tensor, image_processor, rng: np.rand
         with Image.open(buf) as jpeg:
             out[t] = torch.from_numpy(np.asarray(jpeg.convert("RGB")).copy()).permute(2, 0, 1)
     return ((out.double() * scale - mean) / std).to(pixel_values.dtype)
+
+
+def augment_refusal(processor, tiles: bool) -> str | None:
+    """Why ``data_augment`` cannot apply with ``processor`` (``tiles``: whether it cuts images into tiles), or None.
+    One message for ``mpo data check --model`` and training, which refuse such a dataset alike."""
+    if tiles:
+        return None
+    return (f"data_augment re-encodes InternVL's image tiles as JPEG; {type(processor).__name__} does not tile "
+            "images (set data_augment: false)")

@@ -157,9 +157,18 @@ def run_check(meta_path: str | Path, *, processor: Any = None, max_length: int |
 def _check_entries(report: CheckReport, entries: list[MetaEntry], options: _Options, processor: Any,
                    workers: int, progress: bool) -> None:
     jobs, todo = [], []
+    refusal = None
+    if processor is not None:  # what training will refuse for this model: say it now
+        from mpo.data.augment import augment_refusal
+
+        encoder = _make_encoder(processor)
+        refusal = augment_refusal(processor, encoder.tiles)
     for entry in entries:
         dataset, n_rows = _open_dataset(entry, options)
         report.datasets.append(dataset)
+        if refusal and entry.spec is not None and entry.spec.data_augment and entry.spec.repeat_time > 0:
+            dataset.error = refusal
+            continue
         if n_rows:
             todo.append(dataset)
             size = _chunk_size(n_rows, workers)

@@ -190,7 +190,7 @@ class PairEncoder:
                                    f"contains the special token {special!r}, which the model would read as "
                                    "a control token")
         if n_images and not self.multimodal:
-            raise RowError(record.dataset, record.line, "images", f"the model is text-only (its processor "
+            raise RowError(record.dataset, record.line, "image", f"the model is text-only (its processor "
                            f"is a tokenizer) but the row has {n_images} image(s)")
         n_placeholders = record.question.count(IMAGE_PLACEHOLDER)
         if n_placeholders != n_images:

@@ -24,7 +24,7 @@ from PIL import Image
 from mpo.config import field
 from mpo.generate.items import PromptItem, load_item_images, model_name, read_prompts
 from mpo.generate.prompts import PROMPT_VERSIONS, place_image_markers, to_content, wrap_question
-from mpo.generate.samplers import Sample, Sampler, SampleRequest
+from mpo.generate.samplers import Sample, Sampler, SampleRequest, with_row_system
 from mpo.generate.sharding import GenerateConfig, GenerationJob, OutputLayout, RunResult, run_job
 
 __all__ = ["GENERATED_FIELDS", "CorrectnessConfig", "correctness_output_path", "run_correctness"]
@@ -70,7 +70,8 @@ def run_correctness(cfg: CorrectnessConfig, sampler: Sampler | None = None, *, e
                            sample_max_num=cfg.sample_max_num)
 
     def make_request(item: PromptItem, images: list[Image.Image], seeds: tuple[int, ...]) -> SampleRequest:
-        return SampleRequest([{"role": "user", "content": to_content(item.prompt)}], tuple(images), False, seeds)
+        messages = with_row_system(item.row, [{"role": "user", "content": to_content(item.prompt)}])
+        return SampleRequest(messages, tuple(images), False, seeds)
 
     def make_line(item: PromptItem, idx: int, seed: int, sample: Sample) -> dict[str, Any]:
         return {**item.row, "question_orig": item.row["question"], "question": item.prompt,

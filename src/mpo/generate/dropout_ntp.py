@@ -35,7 +35,7 @@ from PIL import Image
 from mpo.config import field
 from mpo.generate.items import PromptItem, model_name, read_prompts
 from mpo.generate.prompts import drop_image_markers
-from mpo.generate.samplers import Sample, Sampler, SampleRequest
+from mpo.generate.samplers import Sample, Sampler, SampleRequest, with_row_system
 from mpo.generate.sharding import MARKER, GenerateConfig, GenerationJob, OutputLayout, RunResult, run_job
 
 __all__ = ["GENERATED_FIELDS", "DropoutNTPConfig", "dropout_output_path", "run_dropout_ntp", "truncate_chosen"]
@@ -106,7 +106,7 @@ def run_dropout_ntp(cfg: DropoutNTPConfig, sampler: Sampler | None = None, *, en
         messages = [{"role": "user", "content": [{"type": "text", "text": item.prompt}]},
                     {"role": "assistant", "content": [{"type": "text", "text": truncate_chosen(item.row["chosen"],
                                                                                              ratio)}]}]
-        return SampleRequest(messages, (), True, seeds)
+        return SampleRequest(with_row_system(item.row, messages), (), True, seeds)
 
     def make_line(item: PromptItem, idx: int, seed: int, sample: Sample) -> dict[str, Any]:
         chosen = item.row["chosen"]

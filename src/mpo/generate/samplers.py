@@ -320,6 +320,15 @@ def _text_of(content: Any) -> str:
     return "".join(item.get("text", "") for item in content)
 
 
+def with_row_system(row: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` led by the prompt row's own ``system_prompt`` when it has one: training renders the pair made
+    from the row with it, so its samples must be drawn under it too (it also replaces ``--system-prompt``)."""
+    system = row.get("system_prompt")
+    if not isinstance(system, str):
+        return messages
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+
+
 def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
     """``messages`` led by a system turn with ``system``, unless it is None or the request brings its own."""
     if system is None or (messages and messages[0]["role"] == "system"):

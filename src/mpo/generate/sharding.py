@@ -332,11 +332,36 @@ def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptIte
         seeds = [[sample_seed(job.seed, item.item_id, i) for i in missing] for item, missing, _ in group]
         requests = [job.make_request(item, images, tuple(s))
                     for (item, _, images), s in zip(group, seeds, strict=True)]
-        outputs = sampler.sample(requests, k, job.params)
-        for (item, missing, _), item_seeds, samples in zip(group, seeds, outputs, strict=True):
+        outputs = _sample_or_refuse(sampler, requests, k, job.params)
+        for (item, missing, images), item_seeds, samples in zip(group, seeds, outputs, strict=True):
+            if isinstance(samples, ValueError):  # this row alone cannot be sampled: reported like a bad image
+                err = RowError(str(job.prompts.path), item.line, "image" if images else "question",
+                               f"the model's processor refused it: {samples}")
+                log.warning("skipped prompt row %s", err)
+                lines.append({MARKER: "item_error", "item_id": item.item_id, "error": err.to_dict()})
+                continue
             lines += [job.make_line(item, i, s, smp)
                       for i, s, smp in zip(missing, item_seeds, samples, strict=True)]
     return lines
+
+
+def _sample_or_refuse(sampler: Sampler, requests: list[SampleRequest], n: int,
+                      params: SamplingParams) -> list[list[Sample] | ValueError]:
+    """One sampler call for the group; if it refuses (``ValueError``: an image Qwen-VL's processor cannot size, an
+    image for a text-only model), each request alone, so that only the rows refused are dropped. A sample depends
+    on its prompt and seed only, so the others come out as they would have in the group."""
+    try:
+        return sampler.sample(requests, n, params)
+    except ValueError as exc:
+        if len(requests) == 1:
+            return [exc]
+    out: list[list[Sample] | ValueError] = []
+    for request in requests:
+        try:
+            out.append(sampler.sample([request], n, params)[0])
+        except ValueError as exc:
+            out.append(exc)
+    return out
 
 
 def _with_images(batches: Sequence[list[tuple[PromptItem, list[int]]]], load: Callable[[PromptItem], Any],

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from mpo.data.augment import jpeg_degrade_tiles
+from mpo.data.augment import augment_refusal, jpeg_degrade_tiles
 from mpo.data.encode import EncodedPair, PairEncoder
 from mpo.data.errors import MetaError, RowError
 from mpo.data.mixture import PreferenceMixture
@@ -53,9 +53,9 @@ class EncodedPairs(Dataset):
         self.mixture, self.encoder, self.blank_images = mixture, encoder, blank_images
         augmented = [s.name for s in mixture.specs if s.data_augment and s.repeat_time > 0]
         self.augment_seed = augment_seed if augmented else None  # None: no per-item dataset lookup at all
-        if augment_seed is not None and augmented and not encoder.tiles:
-            raise MetaError(f"{', '.join(augmented)}: data_augment re-encodes InternVL's image tiles as JPEG; "
-                            f"{type(encoder.processor).__name__} does not tile images (set data_augment: false)")
+        refusal = augment_refusal(encoder.processor, encoder.tiles)
+        if augment_seed is not None and augmented and refusal:
+            raise MetaError(f"{', '.join(augmented)}: {refusal}")
 
     def __len__(self) -> int:
         return len(self.mixture)

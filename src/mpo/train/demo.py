@@ -39,7 +39,7 @@ IMAGE_TASKS = ("shape_colour", "pair_colour")
 
 
 def _image_accuracy(report) -> float:
-    wins = sum(report.datasets[t]["logp_accuracy"] * report.datasets[t]["pairs"] for t in IMAGE_TASKS)
+    wins = sum((report.datasets[t]["logp_accuracy"] or 0.0) * report.datasets[t]["pairs"] for t in IMAGE_TASKS)
     return wins / sum(report.datasets[t]["pairs"] for t in IMAGE_TASKS)
 
 
@@ -87,7 +87,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, n_pairs: int = 2000, 
         "heldout_accuracy_before": _image_accuracy(before),
         "heldout_accuracy_after": _image_accuracy(after),
         "heldout_accuracy_blank_images": _image_accuracy(blank),
-        "heldout_reward_accuracy_after": sum(after.datasets[t]["reward_accuracy"] * after.datasets[t]["pairs"]
+        "heldout_reward_accuracy_after": sum((after.datasets[t]["reward_accuracy"] or 0.0) * after.datasets[t]["pairs"]
                                              for t in IMAGE_TASKS) / sum(after.datasets[t]["pairs"] for t in IMAGE_TASKS),
         "per_task": {name: {"before": before.datasets[name]["logp_accuracy"],
                             "after": after.datasets[name]["logp_accuracy"],

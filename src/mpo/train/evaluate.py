@@ -44,10 +44,16 @@ class DatasetStats:
     logp_margin_sum: float = 0.0
 
     def to_dict(self, has_ref: bool) -> dict:
-        n = max(self.pairs, 1)
-        out = {"pairs": self.pairs, "skipped": self.skipped, "logp_accuracy": self.logp_wins / n, "mean_logp_margin": self.logp_margin_sum / n}
+        """Means over the scored pairs; None (shown "-") when none was scored, not an accuracy of 0."""
+        n = self.pairs
+
+        def mean(total: float) -> float | None:
+            return total / n if n else None
+
+        out = {"pairs": n, "skipped": self.skipped, "logp_accuracy": mean(self.logp_wins),
+               "mean_logp_margin": mean(self.logp_margin_sum)}
         if has_ref:
-            out.update({"reward_accuracy": self.reward_wins / n, "mean_reward_margin": self.margin_sum / n})
+            out.update({"reward_accuracy": mean(self.reward_wins), "mean_reward_margin": mean(self.margin_sum)})
         return out
 
 
