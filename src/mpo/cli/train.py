@@ -73,7 +73,7 @@ def eval_(
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for data, model, run and report."),
-    steps: int = typer.Option(None, help="Override the demo's optimizer steps."),
+    steps: int = typer.Option(None, min=1, help="Override the demo's optimizer steps."),
 ) -> None:
     """Embedded demo: synthetic visual preference data → tiny InternVL → MPO on CPU → before/after table."""
     from mpo.train.demo import run_demo

@@ -44,6 +44,7 @@ of the key; outputs are sorted by key, then by (chosen, rejected).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -106,7 +107,7 @@ class PostprocessConfig:
                                  ("--max-lines", self.max_lines, 1), ("--workers", self.workers, 1)):
             if value < low:
                 raise ValueError(f"{flag}: must be >= {low}, got {value}")
-        if self.timeout <= 0:
+        if not (math.isfinite(self.timeout) and self.timeout > 0):  # nan passed "<= 0" and broke manifest.json
             raise ValueError(f"--timeout: must be > 0, got {self.timeout}")
         if not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir: not a folder: {self.data_dir}")

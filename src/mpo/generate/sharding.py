@@ -35,7 +35,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -226,6 +228,10 @@ class GenerateConfig:
                              "process; start one process per GPU instead)")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("--backend vllm needs vLLM, which is not installed: pip install 'mpo[vllm]'")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"--temperature {self.temperature}: expected a finite number > 0")
 
     def check_checkpoint(self) -> None:
         """Fail early when ``--checkpoint`` is no model folder (nor a cached Hub model); raises ``ModelLoadError``.

@@ -84,7 +84,13 @@ def _derive_accumulation(cfg: RunConfig, world_size: int) -> None:
     if tc.global_batch_size % per_step:
         raise TrainingError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
                             f"per_device_batch_size × processes = {per_step}")
-    tc.gradient_accumulation_steps = tc.global_batch_size // per_step
+    derived = tc.global_batch_size // per_step
+    if tc.gradient_accumulation_steps not in (1, derived):  # both given: the accumulation would be ignored
+        raise TrainingError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} disagrees with "
+                            f"train.global_batch_size={tc.global_batch_size}, which gives {derived} for "
+                            f"{tc.per_device_batch_size} pairs per device on {world_size} processes: set "
+                            "train.global_batch_size=0 to use the accumulation, or drop it")
+    tc.gradient_accumulation_steps = derived
 
 def mean_over_ranks(accelerator: Accelerator):
     """The δ reducer of :class:`~mpo.losses.RunningMean` for several processes (None for one)."""

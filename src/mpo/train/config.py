@@ -20,7 +20,7 @@ __all__ = ["ModelConfig", "LoraConfig", "DataConfig", "LossConfig", "TrainConfig
 @dataclass
 class LoraConfig:
     r: int = field(0, help="LoRA rank; 0 = full fine-tuning. With LoRA the reference is the model with adapters off.", ge=0)
-    alpha: int | None = field(None, help="LoRA alpha; default 2·r (InternVL's choice).")
+    alpha: int | None = field(None, help="LoRA alpha; default 2·r (InternVL's choice).", gt=0)
     dropout: float = field(0.0, help="LoRA dropout.", ge=0.0, lt=1.0)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -51,7 +51,8 @@ class DataConfig:
     prefetch_batches: int = field(1, help="Micro-batches prepared ahead in a background thread (at the lowest OS "
                                   "priority on Linux) while the model computes (0: none); works with or without "
                                   "num_workers.", ge=0)
-    seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).")
+    seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).",
+                      ge=0)
     system_prompt: str = field("auto", help=SYSTEM_PROMPT_HELP)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,10 @@ class TrainConfig:
     deepspeed: str = field("", help="DeepSpeed JSON (configs/deepspeed/); its \"auto\" batch, accumulation and "
                            "clipping values are filled from train.*. Needs a launcher (torchrun or accelerate "
                            "launch), also for one process.")
+
+    def __post_init__(self) -> None:
+        if not self.output_dir.strip():  # "" would write checkpoints and final/ into the current folder
+            raise ConfigError("train.output_dir: empty; name the run's folder")
 
 
 @dataclass

@@ -13,6 +13,7 @@ Ties count as not preferred. Each row of each dataset is used once (``repeat_tim
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,8 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
              trust_remote_code: bool = False, seed: int = 42, system_prompt: str | None = None) -> EvalReport:
     if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
         beta = _run_setting(model_path, "loss", "beta") or 0.1
+    if not (math.isfinite(beta) and beta > 0):  # a negative β flips every reward margin
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if system_prompt is None:  # the run's own prompts
         system_prompt = _run_setting(model_path, "data", "system_prompt", missing="none") or "auto"
     model_path, recorded = resolve_run_model(model_path)
