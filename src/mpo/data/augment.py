@@ -43,10 +43,12 @@ def jpeg_degrade_tiles(pixel_values: torch.Tensor, image_processor, rng: np.rand
     return ((out.double() * scale - mean) / std).to(pixel_values.dtype)
 
 
-def augment_refusal(processor, tiles: bool) -> str | None:
-    """Why ``data_augment`` cannot apply with ``processor`` (``tiles``: whether it cuts images into tiles), or None.
-    One message for ``mpo data check --model`` and training, which refuse such a dataset alike."""
-    if tiles:
+def augment_refusal(processor) -> str | None:
+    """Why ``data_augment`` cannot apply with ``processor`` (it does not cut images into tiles), or None. One
+    message for ``mpo data check --model`` and training, which refuse such a dataset alike."""
+    from mpo.data.encode import processor_tiles
+
+    if processor_tiles(processor):
         return None
     return (f"data_augment re-encodes InternVL's image tiles as JPEG; {type(processor).__name__} does not tile "
             "images (set data_augment: false)")

@@ -161,8 +161,7 @@ def _check_entries(report: CheckReport, entries: list[MetaEntry], options: _Opti
     if processor is not None:  # what training will refuse for this model: say it now
         from mpo.data.augment import augment_refusal
 
-        encoder = _make_encoder(processor)
-        refusal = augment_refusal(processor, encoder.tiles)
+        refusal = augment_refusal(processor)
     for entry in entries:
         dataset, n_rows = _open_dataset(entry, options)
         report.datasets.append(dataset)

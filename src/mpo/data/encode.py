@@ -32,7 +32,7 @@ import torch
 from mpo.data.errors import RowError, TooLongError
 from mpo.data.records import IMAGE_PLACEHOLDER
 
-__all__ = ["TOKEN_ALIGNED_KEYS", "EncodedPair", "PairEncoder", "question_content"]
+__all__ = ["TOKEN_ALIGNED_KEYS", "EncodedPair", "PairEncoder", "processor_tiles", "question_content"]
 
 # Processor outputs with one value per prompt token (stored as (P,) like prompt_ids); a collator extends
 # them over the completion with 0 ("text"). Qwen2.5-VL needs mm_token_type_ids for its 3D RoPE positions.
@@ -115,6 +115,11 @@ def question_content(question: str) -> list[dict[str, str]]:
     return content
 
 
+def processor_tiles(processor: Any) -> bool:
+    """Whether ``processor`` cuts images into tiles (InternVL's ``crop_to_patches``); Qwen-VL's does not."""
+    return hasattr(getattr(processor, "image_processor", None), "crop_to_patches")
+
+
 class PairEncoder:
     """Encode preference records with a model's processor (VLM) or tokenizer (text-only LM).
 
@@ -134,7 +139,7 @@ class PairEncoder:
         probe = self._render_probe()
         self.end_of_turn = self._find_end_of_turn(probe)
         self.control_tokens = self._find_control_tokens(probe)
-        self._tiles = self.multimodal and hasattr(processor.image_processor, "crop_to_patches")
+        self._tiles = processor_tiles(processor)
         self.image_token_id = getattr(processor, "image_token_id", None) if self.multimodal else None
 
     def _content(self, text: str) -> Any:

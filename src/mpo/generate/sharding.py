@@ -330,8 +330,7 @@ def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptIte
     groups: dict[int, list[tuple[PromptItem, list[int], list[Image.Image]]]] = {}
     for (item, missing), images in zip(batch, loaded, strict=True):
         if isinstance(images, RowError):
-            log.warning("skipped prompt row %s", images)
-            lines.append({MARKER: "item_error", "item_id": item.item_id, "error": images.to_dict()})
+            lines.append(_item_error(item, images))
             continue
         groups.setdefault(len(missing), []).append((item, missing, images))
     for k, group in groups.items():
@@ -341,14 +340,19 @@ def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptIte
         outputs = _sample_or_refuse(sampler, requests, k, job.params)
         for (item, missing, images), item_seeds, samples in zip(group, seeds, outputs, strict=True):
             if isinstance(samples, ValueError):  # this row alone cannot be sampled: reported like a bad image
-                err = RowError(str(job.prompts.path), item.line, "image" if images else "question",
-                               f"the model's processor refused it: {samples}")
-                log.warning("skipped prompt row %s", err)
-                lines.append({MARKER: "item_error", "item_id": item.item_id, "error": err.to_dict()})
+                lines.append(_item_error(item, RowError(str(job.prompts.path), item.line,
+                                                        "image" if images else "question",
+                                                        f"the model's processor refused it: {samples}")))
                 continue
             lines += [job.make_line(item, i, s, smp)
                       for i, s, smp in zip(missing, item_seeds, samples, strict=True)]
     return lines
+
+
+def _item_error(item: PromptItem, err: RowError) -> dict[str, Any]:
+    """The part-file line that settles a row which cannot be sampled (reported in the merge, never retried)."""
+    log.warning("skipped prompt row %s", err)
+    return {MARKER: "item_error", "item_id": item.item_id, "error": err.to_dict()}
 
 
 def _sample_or_refuse(sampler: Sampler, requests: list[SampleRequest], n: int,

@@ -53,7 +53,7 @@ class EncodedPairs(Dataset):
         self.mixture, self.encoder, self.blank_images = mixture, encoder, blank_images
         augmented = [s.name for s in mixture.specs if s.data_augment and s.repeat_time > 0]
         self.augment_seed = augment_seed if augmented else None  # None: no per-item dataset lookup at all
-        refusal = augment_refusal(encoder.processor, encoder.tiles)
+        refusal = augment_refusal(encoder.processor)
         if augment_seed is not None and augmented and refusal:
             raise MetaError(f"{', '.join(augmented)}: {refusal}")
 

@@ -96,7 +96,8 @@ def _fill_cache(cfg: RunConfig, batch_size: int, progress: bool) -> Path:
     acc.wait_for_everyone()
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     specs = read_meta(cfg.data.meta_path)
-    fp = fingerprint(cfg, specs, processor)
+    system = resolve_system_prompt(processor, cfg.data.system_prompt)
+    fp = fingerprint(cfg, specs, processor, system)
     partial = out / "fingerprint.partial.json"
     if partial.is_file():
         diff = _diff(fp, json.loads(partial.read_text(encoding="utf-8")))
@@ -108,8 +109,7 @@ def _fill_cache(cfg: RunConfig, batch_size: int, progress: bool) -> Path:
     acc.wait_for_everyone()
 
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
-    encoder = PairEncoder(processor, max_length=cfg.data.max_length,
-                          system_prompt=resolve_system_prompt(processor, cfg.data.system_prompt))
+    encoder = PairEncoder(processor, max_length=cfg.data.max_length, system_prompt=system)
     dataset = EncodedPairs(mixture, encoder, augment_seed=cfg.data.seed)
     done = {(d, line) for d, line, _, _ in read_parts(out)} if (out / "parts").is_dir() else set()
     seen, todo = set(done), []

@@ -181,12 +181,12 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     log.info("model %s: %.2f M parameters, %.2f M trainable", cfg.model.path, total / 1e6, trainable / 1e6)
 
     specs = read_meta(cfg.data.meta_path)
-    cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor)) if tc.ref_cache else None
+    system = resolve_system_prompt(processor, cfg.data.system_prompt)
+    cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor, system)) if tc.ref_cache else None
     mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
     log.info("data: %d pairs per epoch (%s)", len(mixture),
              ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
-    encoder = PairEncoder(processor, max_length=cfg.data.max_length,
-                          system_prompt=resolve_system_prompt(processor, cfg.data.system_prompt))
+    encoder = PairEncoder(processor, max_length=cfg.data.max_length, system_prompt=system)
     log.info("system message of rows without one: %s", "none" if encoder.system_prompt is None
              else repr(encoder.system_prompt))
     dataset = EncodedPairs(mixture, encoder, augment_seed=cfg.data.seed)

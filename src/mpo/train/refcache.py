@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from mpo import __version__
-from mpo.data.system import resolve_system_prompt
 from mpo.fsio import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RefCacheError", "fingerprint", "CachedReference", "PartWriter", "read_parts", "merge_parts"]
@@ -63,8 +62,9 @@ def _weights_digest(model_path: str) -> dict:
     return out
 
 
-def fingerprint(cfg, specs, processor) -> dict:
-    """Everything the reference log-probs depend on, as plain JSON."""
+def fingerprint(cfg, specs, processor, system_prompt: str | None) -> dict:
+    """Everything the reference log-probs depend on, as plain JSON (``system_prompt``: the resolved system message
+    of rows without one, :func:`mpo.data.system.resolve_system_prompt`)."""
     tok = getattr(processor, "tokenizer", processor)
     template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None) or ""
     vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False)
@@ -81,7 +81,7 @@ def fingerprint(cfg, specs, processor) -> dict:
         # data_augment draws each row's JPEG qualities from (data.seed, dataset, line)
         "augment_seed": cfg.data.seed if any(s.data_augment for s in specs if s.repeat_time > 0) else None,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-        "system_prompt": resolve_system_prompt(processor, cfg.data.system_prompt),
+        "system_prompt": system_prompt,
         "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
         "mpo_version": __version__,
     }
