@@ -55,3 +55,18 @@ def test_row_errors_survive_pickling(cls):
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err) and str(back) == str(err) == "shape_colour:7: image: file not found: x.png"
     assert back.to_dict() == err.to_dict()
+
+
+def test_the_first_rows_are_logged_then_where_the_rest_go(tmp_path, caplog):
+    from mpo.data.rejects import LOGGED_ROWS
+
+    log = RejectedRowLog(tmp_path / "rejected_rows.jsonl")
+    with caplog.at_level("WARNING", logger="mpo.data"):
+        for line in range(1, LOGGED_ROWS + 6):
+            log.write(RowError("ds", line, "chosen", "is empty"))
+    log.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "mpo.data"]
+    assert len(messages) == LOGGED_ROWS and log.total == LOGGED_ROWS + 5
+    assert messages[0] == "skipped row ds:1: chosen: is empty (written to rejected_rows.jsonl)"
+    assert messages[-1].endswith(f"further skipped rows are only written to {tmp_path / 'rejected_rows.jsonl'}")
+    assert len((tmp_path / "rejected_rows.jsonl").read_text().splitlines()) == LOGGED_ROWS + 5

@@ -5,12 +5,15 @@ Here every dropped row is written as one JSON line to ``<output_dir>/rejected_ro
 
     {"dataset": "shape_colour", "line": 17, "field": "image", "message": "file not found: ...", "kind": "image"}
 
-and counted by kind (``row``, ``image``, ``too_long``), so the count can go into the training log.
+and counted by kind (``row``, ``image``, ``too_long``), so the count can go into the training log. The first
+:data:`LOGGED_ROWS` rows of each process are also logged as warnings (``mpo.data``), the last of them saying where
+the rest go: a run over broken data says so while it runs, not only in a file nobody opens.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,6 +24,9 @@ from mpo.data.errors import RowError
 __all__ = ["BAD_ROW_POLICIES", "RejectedRowLog", "handle_bad_row"]
 
 BAD_ROW_POLICIES = ("skip", "error")
+LOGGED_ROWS = 10
+
+log = logging.getLogger("mpo.data")
 
 
 class RejectedRowLog:
@@ -42,6 +48,9 @@ class RejectedRowLog:
                   "kind": err.kind}
         os.write(self._handle(), (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self.counts[err.kind] += 1
+        if self.total <= LOGGED_ROWS:
+            more = f"; further skipped rows are only written to {self.path}" if self.total == LOGGED_ROWS else ""
+            log.warning("skipped row %s (written to %s)%s", err, self.path.name, more)
 
     @property
     def total(self) -> int:
