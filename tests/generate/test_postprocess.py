@@ -327,7 +327,12 @@ def test_lone_surrogate_line_is_malformed_not_fatal(tmp_path: Path) -> None:
     [stats] = run(tmp_path, logs=logs, gt_responses=reference, force=True)
     assert (stats.lines, stats.malformed, stats.positives, stats.negatives) == (3, 2, 1, 0)
     message = "is not valid Unicode: a \\ud800-\\udfff escape without its other half (lone surrogate)"
-    assert logs[:2] == [f"malformed: {path}:2: response: {message}", f"malformed: {path}:3: meta: {message}"]
+    report = tmp_path / "out" / "reports" / "gt_responses" / "malformed_lines.jsonl"
+    assert logs[:4] == [f"malformed: {reference}:1: response: {message} (--gt-responses)",
+                        f"malformed: 1 line(s) of --gt-responses {reference} cannot be used; every one is in {report}",
+                        f"malformed: {path}:2: response: {message}", f"malformed: {path}:3: meta: {message}"]
+    assert [(r["dataset"], r["line"], r["raw"]) for r in read_jsonl(report)] == [
+        (str(reference), 1, lone)]
     paths = output_paths(tmp_path / "out", "ds")
     assert sorted(p["response"] for p in read_jsonl(paths["pos_items"])) == sorted([box("3"), box("3 \U0001f600")])
 

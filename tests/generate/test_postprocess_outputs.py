@@ -100,6 +100,30 @@ def test_gt_responses_file_is_an_input_too(tmp_path: Path) -> None:
     assert _snapshot(tmp_path) == before
 
 
+def test_gt_responses_malformed_lines_are_reported_and_their_report_is_guarded(tmp_path: Path) -> None:
+    """Malformed lines of --gt-responses were skipped without a count or a trace; now they go to
+    reports/gt_responses/malformed_lines.jsonl (empty when there are none), which a rerun replaces and a file of
+    someone else's at that path is refused, as for the datasets' outputs."""
+    data = write_stage1(tmp_path / "data").parent
+    save, reference = tmp_path / "S", tmp_path / "gt.jsonl"
+    reference.write_text(json.dumps(rec("How many cars?", "7", box("7"), "d.png")) + "\n{oops\n")
+    report = save / "reports" / "gt_responses" / "malformed_lines.jsonl"
+    result = _cli(data, save, "--gt-responses", str(reference))
+    assert result.exit_code == 0, result.output
+    assert f"malformed: 1 line(s) of --gt-responses {reference} cannot be used; every one is in {report}" in (
+        result.output)
+    assert [(r["line"], r["field"], r["raw"]) for r in read_jsonl(report)] == [(2, "-", "{oops")]
+    reference.write_text(json.dumps(rec("How many cars?", "7", box("7"), "d.png")) + "\n")
+    assert _cli(data, save, "--gt-responses", str(reference)).exit_code == 0  # listed: replaced, now empty
+    assert report.read_text() == ""
+    other = tmp_path / "S2"
+    (other / "reports" / "gt_responses").mkdir(parents=True)
+    (other / "reports" / "gt_responses" / "malformed_lines.jsonl").write_text("mine\n")
+    refused = _cli(data, other, "--gt-responses", str(reference))
+    assert refused.exit_code == 2 and "does not list it as written by mpo postprocess" in refused.output
+    assert (other / "reports" / "gt_responses" / "malformed_lines.jsonl").read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("blocked", ["save-dir", "raw"])
 def test_a_file_where_an_output_folder_goes_is_one_error_line(tmp_path: Path, blocked) -> None:
     """--save-dir afile raised NotADirectoryError (a traceback, exit 1) from the writer; now one line, exit 2."""

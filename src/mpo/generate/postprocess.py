@@ -7,6 +7,7 @@ For every ``<data_dir>/<ds>.jsonl`` (one Stage-1 record per line) this writes, u
     pos_items/<ds>.jsonl                        every correct record, plus its ``answer_pred``
     neg_items/<ds>.jsonl                        one row per question with a wrong answer and no correct one
     reports/<ds>.malformed_lines.jsonl          every line that could not be used: file, line, why, its text
+    reports/gt_responses/malformed_lines.jsonl  the same for ``--gt-responses`` (when given)
     manifest.json                               per input: size, mtime, settings, counts, outputs (resume)
 
 Nothing is written over a file this tool did not write: an output path that is an input file is always refused,
@@ -269,6 +270,9 @@ def _write_outputs(plans: list[_KeyPlan], sources: list[Path], mode: str, cfg: P
         list(pool.map(_pool_write, jobs))
 
 
+GT_REPORT = Path("reports") / "gt_responses" / "malformed_lines.jsonl"  # a folder: no dataset's report is named so
+
+
 def output_paths(save_dir: Path, ds: str) -> dict[str, Path]:
     """The files written for dataset ``ds``: the seed's four, then the report of its malformed lines."""
     save_dir = Path(save_dir)
@@ -314,13 +318,23 @@ def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]],
     return stats
 
 
-def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Key, list[Entry]]]
-                  ) -> dict[Key, list[Entry]]:
-    """Judged positives of ``--gt-responses`` (source 1), by key; judged once per checking mode."""
+def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Key, list[Entry]]],
+                  log: Callable[[str], None]) -> dict[Key, list[Entry]]:
+    """Judged positives of ``--gt-responses`` (source 1), by key; judged once per checking mode. Its malformed
+    lines (the same in every mode) are logged and written to :data:`GT_REPORT` at its first scan."""
     if cfg.gt_responses is None:
         return {}
     if mode not in cache:
-        scan = _scan_file(Path(cfg.gt_responses), 1, mode, cfg, 1 << 62)
+        path = Path(cfg.gt_responses)
+        scan = _scan_file(path, 1, mode, cfg, 1 << 62)
+        if not cache:
+            report = cfg.save_dir / GT_REPORT
+            atomic_write_jsonl(report, malformed_rows(path, scan.bad))
+            for b in scan.bad[:MAX_LOGGED_ERRORS]:
+                log(f"malformed: {RowError(str(path), b.line, b.field_name, b.message)} (--gt-responses)")
+            if scan.bad:
+                log(f"malformed: {len(scan.bad)} line(s) of --gt-responses {path} cannot be used; every one is in "
+                    f"{report}")
         cache[mode] = {k: pos for k, v in scan.groups.items() if (pos := [e for e in v if e.label == POS])}
     return cache[mode]
 
@@ -352,7 +366,7 @@ def _check_sources(files: list[Path], datasets: dict, manifest_path: Path) -> No
                                "--overwrite to replace them")
 
 
-def _check_outputs(cfg: PostprocessConfig, files: list[Path], datasets: dict, manifest_path: Path) -> None:
+def _check_outputs(cfg: PostprocessConfig, files: list[Path], manifest: dict, manifest_path: Path) -> None:
     """Refuse (``OutputPathError``), before anything is written, to write where this run must not: over an input
     file (always, ``--overwrite`` too: the input would be gone), through a regular file (``--save-dir afile``), or,
     unless ``--overwrite``, over an existing output that the manifest does not list as this dataset's (curated
@@ -361,11 +375,15 @@ def _check_outputs(cfg: PostprocessConfig, files: list[Path], datasets: dict, ma
     if cfg.gt_responses is not None:
         inputs[Path(cfg.gt_responses)] = "--gt-responses"
     outputs = {path.stem: list(output_paths(cfg.save_dir, path.stem).values()) for path in files}
-    check_outputs([manifest_path, *(p for ps in outputs.values() for p in ps)], inputs, "--save-dir", cfg.save_dir)
+    gt_report = [cfg.save_dir / GT_REPORT] if cfg.gt_responses is not None else []
+    check_outputs([manifest_path, *(p for ps in outputs.values() for p in ps), *gt_report], inputs, "--save-dir",
+                  cfg.save_dir)
     if cfg.overwrite:
         return
+    datasets = manifest.get("datasets", {})
     foreign = [p for ds, ps in outputs.items() for p in ps
                if p.exists() and str(p.relative_to(cfg.save_dir)) not in (datasets.get(ds) or {}).get("outputs", [])]
+    foreign += [p for p in gt_report if p.exists() and str(GT_REPORT) not in manifest.get("reports", [])]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise OutputPathError(f"--save-dir {cfg.save_dir}: {foreign[0]}{more} exists and {manifest_path} does not "
@@ -390,9 +408,12 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
     files = sorted(p for p in Path(cfg.data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
     if not files:
         log(f"warning: no *.jsonl files in {cfg.data_dir}")
-    _check_outputs(cfg, files, datasets, manifest_path)
+    _check_outputs(cfg, files, manifest, manifest_path)
     if not cfg.overwrite:
         _check_sources(files, datasets, manifest_path)
+    if cfg.gt_responses is not None and str(GT_REPORT) not in manifest.get("reports", []):
+        manifest["reports"] = [*manifest.get("reports", []), str(GT_REPORT)]  # listed before it is written
+        atomic_write_json(manifest_path, manifest)
     results, gt_cache = [], {}
     for path in files:
         mode = mode_for_dataset(path.stem)
@@ -409,7 +430,7 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
             # listed before they are written (no settings: not done), so that files a crash leaves are ours
             datasets[path.stem] = {"source": source, "outputs": listed}
             atomic_write_json(manifest_path, manifest)
-            stats = _process(path, cfg, _gt_positives(cfg, mode, gt_cache), mode)
+            stats = _process(path, cfg, _gt_positives(cfg, mode, gt_cache, log), mode)
             counts = {k: v for k, v in asdict(stats).items()
                       if k not in ("dataset", "skipped", "errors", "malformed_report")}
             datasets[path.stem] = {"source": source, "settings": settings, "counts": counts, "outputs": listed}
