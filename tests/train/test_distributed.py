@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo) train like one process with the same global batch; δ is all-reduced;
+"""Two CPU processes (torchrun, gloo) train like one process with the same micro-batches; δ is all-reduced;
 checkpoints are written once; a run resumes across a changed world size (2 → 1 and 1 → 2)."""
 
 from __future__ import annotations
@@ -133,8 +133,14 @@ def test_a_rank_whose_rows_are_all_bad_keeps_step_and_adds_nothing(demo_model, d
     rejected = {name: sorted(json.loads(x)["line"] for x in (tmp_path / name / "rejected_rows.jsonl").read_text()
                              .splitlines()) for name in ("two", "one")}
     assert len(rejected["two"]) == len(BAD) and rejected["two"] == rejected["one"]  # each logged once, in both
-    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # the run's count, of both ranks (rank 1 had 4 of the 5): it was rank 0's alone, in the metric and checkpoint
+    for name in ("two", "one"):
+        last = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        state = json.loads((tmp_path / name / "checkpoint-12" / "trainer_state.json").read_text())
+        assert last["skipped_rows"] == state["skipped_rows"] == len(BAD), name
+        assert state["skipped_rows_by_kind"] == {"row": len(BAD)}, name
 
 
 def test_delta_is_all_reduced_across_ranks(demo_model, demo_data, tmp_path):

@@ -38,3 +38,30 @@ def test_tensorboard_is_installed_with_mpo(tmp_path):
     logger.log(1, {"loss": 0.5})
     logger.close()
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def _rows(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_log_line_is_the_mean_of_its_steps_and_the_lr_they_used(demo_model, demo_data, tmp_path):
+    """``logging_steps: 2`` logs the mean of steps 1-2 and 3-4 (it logged step 2 and 4 alone, as if the other
+    steps had not happened); ``lr`` is the rate the step used, as HF's Trainer logs it (it was the next step's:
+    cosine with 2 warm-up steps logged 5e-4, 1e-3, 5e-4, 0 for the rates 0, 5e-4, 1e-3, 5e-4)."""
+    from train_helpers import run_config
+
+    from mpo.train.recipe import run_train
+
+    meta = demo_data / "meta.json"
+    common = ["train.max_steps=4", "train.lr_scheduler=cosine", "train.warmup_steps=2"]
+    run_train(run_config(demo_model, meta, tmp_path / "each", *common))
+    run_train(run_config(demo_model, meta, tmp_path / "pairs", *common, "train.logging_steps=2"))
+    each, pairs = _rows(tmp_path / "each"), _rows(tmp_path / "pairs")
+    assert [r["lr"] for r in each] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4], abs=1e-12)
+    assert [r["step"] for r in pairs] == [2, 4] and [r["lr"] for r in pairs] == [each[1]["lr"], each[3]["lr"]]
+    for window, (a, b) in zip(pairs, [(each[0], each[1]), (each[2], each[3])]):
+        for key in ("loss", "loss/sft", "rewards/accuracies", "rewards/margins"):  # 4 pairs in every step
+            assert window[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-9), key
+        assert (window["grad_norm"], window["delta"]) == (b["grad_norm"], b["delta"])  # the last step's, as HF

@@ -51,17 +51,20 @@ def test_train_writes_metrics_checkpoint_and_final_model(demo_model, demo_data, 
     assert type(load_processor(tmp_path / "run" / "checkpoint-2" / "model")).__name__ == "InternVLProcessor"
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "loader_workers"])
-def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path, workers):
+@pytest.mark.parametrize(("workers", "drop_path"), [(0, 0.0), (2, 0.0), (0, 0.2)],
+                         ids=["in_process", "loader_workers", "drop_path"])
+def test_resume_gives_the_same_weights_and_delta(demo_model, demo_data, tmp_path, workers, drop_path):
     """4 steps straight == 2 steps, stop, --resume to 4 (fp32, CPU): weights bit-identical, δ equal; also when
-    DataLoader workers load the data (the resumed sampler starts them at the saved position)."""
+    DataLoader workers load the data (the resumed sampler starts them at the saved position), and with drop path,
+    whose masks come from the restored RNG (the loader's iterator used to draw from that stream after a resume's
+    restore, but before a fresh run's first step: weights differed by up to 2e-3)."""
     meta = demo_data / "meta.json"
-    loader = f"data.num_workers={workers}"
-    straight = run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", "train.save_steps=2", loader)
+    loader = f"data.num_workers={workers} model.drop_path_rate={drop_path}".split()
+    straight = run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", "train.save_steps=2", *loader)
     run_train(straight)
-    first = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=2", "train.save_steps=2", loader)
+    first = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=2", "train.save_steps=2", *loader)
     run_train(first)
-    resumed = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", "train.save_steps=2", loader)
+    resumed = run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", "train.save_steps=2", *loader)
     result = run_train(resumed, resume=True)
     assert result.steps == 4
     a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")

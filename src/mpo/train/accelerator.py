@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from mpo.data.errors import ImageError, RowError, TooLongError
 from mpo.train.config import RunConfig
 from mpo.train.setup import deepspeed_config
 
-__all__ = ["TrainingError", "make_accelerator", "accelerator_for", "zero_stage_of", "mean_over_ranks",
+__all__ = ["TrainingError", "counts_on_all_ranks", "make_accelerator", "accelerator_for", "zero_stage_of", "mean_over_ranks",
            "pairs_on_all_ranks", "mean_over_used_pairs"]
 
 log = logging.getLogger("mpo.train")
@@ -111,6 +113,16 @@ def pairs_on_all_ranks(acc: Accelerator, n_pairs: int) -> int:
     if acc.num_processes == 1:
         return n_pairs
     return int(acc.reduce(torch.tensor([n_pairs], device=acc.device), reduction="sum").item())
+
+
+def counts_on_all_ranks(acc: Accelerator, counts: Counter[str]) -> Counter[str]:
+    """``counts`` (skipped rows by kind) summed over all ranks (collective under several processes): each rank
+    counts the bad rows of its own micro-batches, and the metric and the checkpoint report the run's."""
+    if acc.num_processes == 1:
+        return Counter(counts)
+    kinds = tuple(e.kind for e in (RowError, ImageError, TooLongError))  # one order on every rank
+    local = torch.tensor([counts.get(k, 0) for k in kinds], device=acc.device, dtype=torch.int64)
+    return Counter({k: int(v) for k, v in zip(kinds, acc.reduce(local, reduction="sum").tolist()) if v})
 
 
 def mean_over_used_pairs(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_pairs: int,

@@ -345,6 +345,7 @@ def restore_run(path: Path, accelerator: Accelerator, scorer, optimizer, schedul
     if accelerator.is_main_process:  # steps and rows after the checkpoint come again: log them once, not twice
         cut_logs(path.parent, trainer_state.get("log_bytes", {}))
     accelerator.wait_for_everyone()
-    rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))  # the count goes on, not from 0
+    if accelerator.is_main_process:  # the count goes on, not from 0; it is all ranks' (summed when reported)
+        rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))
     pos = trainer_state["position"]
     return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])

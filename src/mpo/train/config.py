@@ -95,7 +95,7 @@ class TrainConfig:
     global_batch_size: int = field(0, help="Pairs per optimizer step over all processes; > 0 derives "
                                    "gradient_accumulation_steps = global / (per_device × processes) (seed: 256).", ge=0)
     max_grad_norm: float = field(1.0, help="Gradient clipping; 0 turns it off.", ge=0.0)
-    logging_steps: int = field(10, help="Log every N optimizer steps.", ge=1)
+    logging_steps: int = field(10, help="Log every N optimizer steps: the mean over those steps' pairs (grad_norm, lr: the last step's).", ge=1)
     save_steps: int = field(200, help="Checkpoint every N optimizer steps (0: only at the end).", ge=0)
     save_total_limit: int = field(3, help="Keep at most this many checkpoints (0: keep all).", ge=0)
     report_to: list[str] = field(default_factory=list, help="Extra loggers: tensorboard, wandb.")

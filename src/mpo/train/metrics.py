@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from mpo.config import ConfigError
 
-__all__ = ["MetricsLogger", "CONSOLE_KEYS"]
+__all__ = ["MetricsLogger", "CONSOLE_KEYS", "LogWindow"]
 
 log = logging.getLogger("mpo.train")
 
@@ -23,6 +26,39 @@ CONSOLE_KEYS = ("loss", "loss/sigmoid_weighted", "loss/bco_pair_weighted", "loss
 
 
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LogWindow:
+    """The optimizer steps since the last log line. A line reports their mean per pair (and their throughput), as
+    HF's Trainer and TRL average the steps since the last log; it used to show the last step alone, so with
+    ``logging_steps: 10`` nine steps in ten were never seen. ``sums`` are pair-weighted metric sums."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    pairs: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, sums: dict[str, float], pairs: int, tokens: int, seconds: float) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.pairs, self.tokens, self.seconds = self.pairs + pairs, self.tokens + tokens, self.seconds + seconds
+
+    def close(self, accelerator) -> dict[str, float]:
+        """The window's means over all processes' pairs (a collective when there are several), then an empty
+        window. Every rank has the same keys: a stand-in micro-batch adds zeros under its keys."""
+        sums, pairs, tokens = self.sums, self.pairs, self.tokens
+        if accelerator.num_processes > 1:
+            keys = sorted(sums)
+            local = torch.tensor([sums[k] for k in keys] + [pairs, tokens], dtype=torch.float64,
+                                 device=accelerator.device)
+            totals = accelerator.reduce(local, reduction="sum").tolist()
+            sums, pairs, tokens = dict(zip(keys, totals[:-2])), int(totals[-2]), int(totals[-1])
+        out = {k: v / max(pairs, 1) for k, v in sums.items()}
+        out.update(pairs_per_s=pairs / self.seconds if self.seconds else 0.0,
+                   tokens_per_s=tokens / self.seconds if self.seconds else 0.0)
+        self.sums, self.pairs, self.tokens, self.seconds = {}, 0, 0, 0.0
+        return out
 
 
 class MetricsLogger:

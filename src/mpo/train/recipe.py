@@ -45,6 +45,7 @@ from mpo.train.accelerator import (
     TrainingError,
     _derive_accumulation,
     accelerator_for,
+    counts_on_all_ranks,
     mean_over_ranks,
     mean_over_used_pairs,
     zero_stage_of,
@@ -61,7 +62,7 @@ from mpo.train.data import (
     vision_filler,
 )
 from mpo.train.forward import PairScorer, PairScores, backbone_of, replayable_tower
-from mpo.train.metrics import MetricsLogger
+from mpo.train.metrics import LogWindow, MetricsLogger
 from mpo.train.refcache import CachedReference, RefCacheError, fingerprint
 from mpo.train.setup import (
     Zero3PairScorer,
@@ -232,8 +233,11 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
                         attn_implementation=cfg.model.attn_implementation, dtype=next(model.parameters()).dtype,
                         vision_filler=filler)
-    loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    # its own generator: starting an iterator draws the workers' base seed, and from the global stream that draw
+    # came after a resume's restored RNG state but before a fresh run's first step, so drop-path masks differed
+    loader = DataLoader(dataset, batch_sampler=order, collate_fn=collator, num_workers=cfg.data.num_workers,
+                        persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.data.seed))
     metrics = MetricsLogger(out, tc.report_to, enabled=accelerator.is_main_process)
     # A frozen, deterministic vision tower + projector gives the policy and the reference copy identical image
     # features: compute them once per pair for both (one vision pass per pair instead of TRL's four). With only
@@ -290,12 +294,15 @@ def _train_steps(run: Run, batches) -> TrainResult:
     # pair with weight 0 instead of being skipped (a skip hung the other ranks in their collectives).
     lockstep = acc.num_processes > 1 or zero_stage_of(acc) >= 0
     spare = None  # this rank's last usable micro-batch: the weight-0 stand-in
-    step, last = run.start_step, {}
+    step, last, window = run.start_step, {}, LogWindow()
     run.scorer.train()
     freeze_train_mode(acc.unwrap_model(run.scorer).model, cfg.model)
     t_start = time.perf_counter()
     while step < run.total_steps:
         t0, sums, n_pairs, n_tokens = time.perf_counter(), {}, 0, 0
+        # the rate this step uses, as HF logs it; read here because DeepSpeed's engine steps the schedule inside
+        # the last backward, and after scheduler.step() it is the next step's
+        lr = run.scheduler.get_last_lr()[0]
         for micro in range(accum):
             batch, errors = next(batches)
             for err in errors:
@@ -348,22 +355,17 @@ def _train_steps(run: Run, batches) -> TrainResult:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         step += 1
-        dt = time.perf_counter() - t0
-        log_now = step % tc.logging_steps == 0 or step == run.total_steps
-        if log_now and acc.num_processes > 1:  # metrics of all ranks' pairs, not rank 0's alone
-            keys = sorted(sums)
-            totals = acc.reduce(torch.tensor([sums[k] for k in keys] + [n_pairs, n_tokens], dtype=torch.float64,
-                                             device=acc.device), reduction="sum").tolist()
-            sums, n_pairs, n_tokens = dict(zip(keys, totals[:-2])), int(totals[-2]), int(totals[-1])
-        last = {k: v / max(n_pairs, 1) for k, v in sums.items()}
-        last.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                     "lr": run.scheduler.get_last_lr()[0], "pairs_per_s": n_pairs / dt, "tokens_per_s": n_tokens / dt,
-                     "skipped_rows": run.rejects.total, "delta": run.delta.value, "epoch": _epoch(run, step)})
-        if log_now:
+        window.add(sums, n_pairs, n_tokens, time.perf_counter() - t0)
+        if step % tc.logging_steps == 0 or step == run.total_steps:  # the window's mean over all ranks' pairs
+            last = window.close(acc)
+            last.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr,
+                         "skipped_rows": counts_on_all_ranks(acc, run.rejects.counts).total(),
+                         "delta": run.delta.value, "epoch": _epoch(run, step)})
             run.metrics.log(step, last)
         if (tc.save_steps and step % tc.save_steps == 0) or step == run.total_steps:
             save(run, step)
-    return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, run.rejects.total)
+    skipped = counts_on_all_ranks(acc, run.rejects.counts).total()
+    return TrainResult(Path(tc.output_dir), step, time.perf_counter() - t_start, last, skipped)
 
 
 def _lengths(batch, loss_types: list[str]) -> dict[str, torch.Tensor]:
@@ -437,11 +439,12 @@ def save(run: Run, step: int) -> None:
         acc.wait_for_everyone()
     model = acc.unwrap_model(run.scorer).model
     optimizer_state = None if deepspeed else ckpt.full_optimizer_state(model, run.optimizer)  # collective (FSDP2)
+    skipped = counts_on_all_ranks(acc, run.rejects.counts)  # collective: every rank's bad rows
     if acc.is_main_process:
         pos = _position(run, step)
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
                  "delta": run.delta.state_dict(), "total_steps": run.total_steps,
-                 "skipped_rows": run.rejects.total, "skipped_rows_by_kind": dict(run.rejects.counts),
+                 "skipped_rows": skipped.total(), "skipped_rows_by_kind": dict(skipped),
                  "world_size": acc.num_processes, "global_batch": run.order.global_batch,
                  "pairs_by_dataset": run.loader.dataset.mixture.dataset_sizes,
                  "system_prompt": run.loader.dataset.encoder.system_prompt,
