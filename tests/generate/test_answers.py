@@ -297,9 +297,51 @@ def test_span_points_at_the_raw_answer() -> None:
 @pytest.mark.parametrize("text,norm", [
     ("The Eiffel Tower.", "eiffel tower"), ("-3", "-3"), ("3.5", "3.5"), ("1,000", "1000"),
     ("Two apples", "2 apples"), ("**Yes**", "yes"), ("\\text{Red}", "red"), ("a", ""),
+    # signs, relations, factorials and interval brackets are kept; prose punctuation still goes
+    ("-x", "-x"), ("x>3", "x > 3"), ("x \\le 3", "x ≤ 3"), ("x \\leq 3", "x ≤ 3"), ("4!", "4!"),
+    ("[1, 2)", "[ 1 2 )"), ("\\left(-\\infty, 3\\right]", "( - infty 3 ]"), ("2**3", "2^3"),
+    ("Paris (France)", "paris france"), ("Paris!", "paris"), ("f(x)", "f x"), ('["C"]', "c"), ("well-known", "well known"),
 ])
 def test_normalize_answer(text: str, norm: str) -> None:
     assert normalize_answer(text) == norm
+
+
+# (id, pred, gt): wrong answers that differ from gt only in a relation sign, a bracket, a factorial mark or the
+# sign of a letter. The seed's vqa_score and our normal form until judge version 3 deleted those characters
+# (and math-verify read 2**3 as 2), so every one was judged correct and could become the *chosen* answer.
+SIGN_CASES = [
+    ("gt-greater-pred-less", "x < 3", "x > 3"),
+    ("gt-greater-pred-equal", "x = 3", "x > 3"),
+    ("gt-greater-no-spaces", "x<3", "x>3"),
+    ("half-open-swapped", "(1, 2]", "[1, 2)"),
+    ("closed-for-open", "[1, 2]", "(1, 2)"),
+    ("ray-open-for-closed", "(-\\infty, 3)", "(-\\infty, 3]"),
+    ("article-letter-relation", "a > b", "a < b"),
+    ("letters-relation", "AB > CD", "AB < CD"),
+    ("not-equal-for-equal", "x \\neq 0", "x = 0"),
+    ("minus-letter", "-x", "x"),
+    ("minus-between-letters", "a-b", "b"),
+    ("factorial", "4!", "4"),
+    ("factorial-letter", "n!", "n"),
+    ("greater-than-number", ">12", "12"),
+    ("less-than-number", "<12", "12"),
+    ("python-power", "2**3", "2"),
+]
+
+
+@pytest.mark.parametrize("pred,gt", [c[1:] for c in SIGN_CASES], ids=[c[0] for c in SIGN_CASES])
+def test_signs_relations_and_brackets_make_an_answer_wrong(pred: str, gt: str) -> None:
+    assert check_answer(pred, gt, "auto", timeout=30) is False
+    assert normalize_answer(pred) != normalize_answer(gt)  # so pair selection keeps such a pair, too
+
+
+@pytest.mark.parametrize("pred,gt", [
+    ("x>3", "x > 3"), ("x \\le 3", "x \\leq 3"), ("x \\geq 3", "x >= 3"), ("[1,2)", "[1, 2)"),
+    ("\\left[1, 2\\right)", "[1, 2)"), ("(-\\infty,3]", "(-\\infty, 3]"), ("2**3", "8"), ("4!", "24"),
+    ("Paris (France)", "Paris, France"), ("Yes!", "yes"), ("3 (cm)", "3 cm"), ("(B)", "B"), ("**B**", "B"),
+])
+def test_same_answer_in_another_spelling_stays_right(pred: str, gt: str) -> None:
+    assert check_answer(pred, gt, "auto", timeout=30) is True
 
 
 @pytest.mark.parametrize("pred,letter", [("B", "B"), ("(c)", "C"), ("D) cat", "D"), ("Option e", "E"),

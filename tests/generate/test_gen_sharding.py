@@ -205,7 +205,9 @@ def test_damage_in_the_middle_of_a_part_file_is_an_error(tmp_path, prompt_file):
                               "something other than a kill; move it away to regenerate its samples")
 
 
-def test_undecodable_image_is_reported_once_and_not_retried(tmp_path, prompt_file):
+def test_undecodable_image_is_reported_and_a_rerun_needs_no_model_while_it_stays_broken(tmp_path, prompt_file):
+    """A rerun decodes it again (test_gen_retry.py: a repaired image is sampled); still broken, nothing is asked
+    of the sampler."""
     (tmp_path / "green.png").write_bytes(b"broken")
     cfg = _cfg(tmp_path, prompt_file)
     result = run_correctness(cfg, FakeSampler(), env={})
@@ -312,7 +314,7 @@ def test_a_row_the_sampler_refuses_is_reported_and_the_others_are_sampled(tmp_pa
                                    "take an image")
     again = _TextOnlySampler()
     run_correctness(cfg, again, env={})
-    assert again.calls == []  # reported once, not retried
+    assert again.calls == []  # its image is unchanged: it would be refused again (test_gen_retry.py: changed)
 
 
 def test_a_rows_own_system_prompt_leads_its_request(tmp_path):

@@ -21,10 +21,17 @@ def box(answer: str) -> str:
     return R + f"Answer: \\boxed{{{answer}}}"
 
 
+def prompt(question: str, image: object = None) -> str:
+    """The wrapped prompt Stage 1 samples with (template shortened), its image markers placed."""
+    images = [image] if isinstance(image, str) else image or []
+    markers = "<image>\n" if len(images) == 1 else "".join(f"Image-{k + 1}: <image>\n" for k in range(len(images)))
+    return f"{markers}{question}\nAnswer the preceding question."
+
+
 def rec(question: str, answer: str, response: str, image: object = None, *, finish: str = "stop",
         version: str = "en_v2", meta: object = None, idx: int = 0) -> dict:
     """A Stage-1 record: input fields plus what the sampler adds (``question`` is the wrapped prompt)."""
-    row: dict = {"question_orig": question, "question": f"<image>\n{question}\nAnswer the preceding question.",
+    row: dict = {"question_orig": question, "question": prompt(question, image),
                  "answer": answer, "response": response, "prompt_version": version, "finish_reason": finish,
                  "sample_idx": idx, "seed": 1000 + idx}
     if image is not None:
@@ -87,9 +94,11 @@ def run(tmp: Path, out: str = "out", logs: list[str] | None = None, **kw) -> lis
 
 
 def pair(key: tuple, chosen: str, rejected: str, cm: object = None, rm: object = None) -> dict:
+    """A pair row: its question is the prompt the responses were sampled with; the original is kept beside it."""
     question, answer, image = key
     row = {"image": image} if image else {}
-    row.update(question=question, chosen=chosen, rejected=rejected, answer_gt=answer)
+    row.update(question=prompt(question, image), chosen=chosen, rejected=rejected, answer_gt=answer,
+               question_orig=question)
     if cm is not None:
         row["chosen_meta"] = cm
     if rm is not None:
@@ -261,7 +270,7 @@ def test_gt_responses_fill_questions_without_positives_and_force_adds_everywhere
     ]) + "\n")
     [plain] = run(tmp_path, "plain", gt_responses=reference)
     rows = read_jsonl(output_paths(tmp_path / "plain", "geoqa")["correctness"])
-    cars = [r for r in rows if r["question"] == "How many cars?"]
+    cars = [r for r in rows if r["question_orig"] == "How many cars?"]
     assert [(r["chosen"], r["rejected"]) for r in cars] == [(box("7"), box("8")), (box("7"), box("9"))]
     # apples already has model positives: the reference is used only with --force
     assert (plain.correctness_pairs, plain.format_pairs, plain.neg_items) == (7 + 2, 4 + 1, 1)

@@ -203,20 +203,64 @@ _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset({"a", "an", "the"})
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_PUNCT = re.compile(r"[^\w\s.\-+/%°^]")
+# Kept besides word characters: what changes a number's or a formula's value or meaning. Relations, factorial
+# marks and interval brackets reach this set only after ``_relations``, ``_FACTORIAL`` and ``_brackets`` have turned
+# the ones that mean nothing (prose parentheses, "Paris!") into spaces.
+_PUNCT = re.compile(r"[^\w\s.\-+/%°^<>=≤≥≠≈!()\[\]]")
 _LOOSE_DOT = re.compile(r"(?<!\d)\.|\.(?!\d)")
-_LOOSE_DASH = re.compile(r"-(?![\d.])")
+# A hyphen joins words (well-known, x-ray); a dash anywhere else is a minus and stays (-x, a-b, x - y, -\infty).
+_HYPHEN = re.compile(r"(?<=[^\W\d_]{2})-(?=[^\W\d_])|(?<=[^\W\d_])-(?=[^\W\d_]{2})")
+_SIZING = re.compile(r"\\(?:left|right|big|bigg|bigl|bigr|biggl|biggr)(?![a-z])")
+_RELATION = re.compile(r"\\(?:leqslant|leq|le|geqslant|geq|ge|neq|ne|approx|lt|gt)(?![a-z])|<=|>=|!=|[≤⩽≥⩾≠≈<>=]")
+_RELATION_SIGN = {"\\leqslant": "≤", "\\leq": "≤", "\\le": "≤", "<=": "≤", "⩽": "≤",
+                  "\\geqslant": "≥", "\\geq": "≥", "\\ge": "≥", ">=": "≥", "⩾": "≥",
+                  "\\neq": "≠", "\\ne": "≠", "!=": "≠", "\\approx": "≈", "\\lt": "<", "\\gt": ">"}
+_FACTORIAL = re.compile(r"(?<=[\d)\]])!|(?<=\b[^\W\d_])!")  # 4!, (n+1)!, n!; not "Paris!" nor LaTeX's \!
+_MATH_CONTENT = re.compile(r"[\d,;|+\-*/^=<>≤≥≠≈()\[\]\\∞]")  # an interval, a tuple, a formula: not words
+_PYTHON_POWER = re.compile(r"(?<=[\w)}\]])\s*\*\*\s*(?=[\w({\[\\-])")
+
+
+def _relations(s: str) -> str:
+    """Relation signs as tokens of one spelling: ``x\\le3`` -> ``x ≤ 3`` (``\\le``, ``\\leq``, ``<=``, ``≤`` alike)."""
+    return _RELATION.sub(lambda m: f" {_RELATION_SIGN.get(m.group(), m.group())} ", s)
+
+
+def _brackets(s: str) -> str:
+    """Brackets as tokens where they carry meaning, else spaces. A matched pair (either kind: ``[1, 2)`` is a
+    pair) is kept when it encloses a digit, a comma, an operator or a LaTeX command, so ``[1, 2)``,
+    ``(-\\infty, 3]`` and ``(3, 2)`` keep which end is open, while ``Paris (France)``, ``3 (cm)``, ``f(x)`` and
+    ``["C"]`` read as before. Unmatched ones go."""
+    out, stack = list(s), []
+    for k, ch in enumerate(s):
+        if ch in "([":
+            stack.append(k)
+        elif ch in ")]":
+            if not stack:
+                out[k] = " "
+                continue
+            start = stack.pop()
+            keep = _MATH_CONTENT.search(s, start + 1, k) is not None  # no slice: nesting stays linear
+            out[start], out[k] = (f" {s[start]} ", f" {ch} ") if keep else (" ", " ")
+    for k in stack:
+        out[k] = " "
+    return "".join(out)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def normalize_answer(text: str) -> str:
-    """Short-answer normal form: lower case, no markup or punctuation, number words as digits, no
-    articles. Unlike the VQA normaliser it keeps what changes a number's value: ``-3`` stays ``-3``,
-    ``3.5`` stays ``3.5``, and thousands separators go (``1,000`` -> ``1000``)."""
-    s = clean_answer(text).casefold()
-    s = _WRAPPER.sub(r"\1", s).replace("\\", " ")
+    """Short-answer normal form: lower case, no markup, number words as digits, no articles, punctuation that
+    means nothing dropped. Unlike the VQA normaliser (the seed's ``vqa_score``) it keeps what changes a value:
+    ``-3`` and ``-x`` keep their sign, ``3.5`` its decimals, ``4!`` its factorial, relations stay tokens of one
+    spelling (``x > 3`` is not ``x < 3``, ``\\le`` is ``\\leq``), and an interval or tuple keeps its brackets
+    (``[1, 2)`` is not ``(1, 2]``); thousands separators go (``1,000`` -> ``1000``). Prose parentheses and
+    ``!`` after a word still go, so ``Paris (France)`` reads ``paris france``."""
+    s = clean_answer(text).casefold().replace("\u2212", "-")
+    s = _WRAPPER.sub(r"\1", s)
+    s = _FACTORIAL.sub("\0", _SIZING.sub(" ", _PYTHON_POWER.sub("^", _relations(s))))  # \0: a factorial's !
+    s = _brackets(s.replace("!", " ")).replace("\0", "!")
+    s = s.replace("\\", " ")
     s = _THOUSANDS.sub("", s)
-    s = _LOOSE_DASH.sub(" ", _LOOSE_DOT.sub(" ", _PUNCT.sub(" ", s)))
+    s = _HYPHEN.sub(" ", _LOOSE_DOT.sub(" ", _PUNCT.sub(" ", s)))
     words = (_NUMBER_WORDS.get(w, w) for w in s.split())
     return " ".join(w for w in words if w not in _ARTICLES)
 
@@ -374,6 +418,8 @@ def _check_cached(pred: str, gt: str, mode: str, timeout: float) -> bool:
         return anls_score(pred, gt) >= ANLS_THRESHOLD
     # math-verify decides what the cheap rules could not read: formulas on both sides, or a numeric gt and a
     # formula (``x = 12 cm``, ``\\sqrt{144}``); prose is never sent (it reads "3 or 13" as a set or worse)
+    # Python's power (2**3) reads as 2 to math-verify's LaTeX parser, which then said 2**3 was right for gt 2
+    pred, gt = _PYTHON_POWER.sub("^", pred), _PYTHON_POWER.sub("^", gt)
     pred_math = _math_part(pred)
     if pred_math is None:
         return False

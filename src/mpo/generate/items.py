@@ -13,10 +13,12 @@ field, a missing image file, an ``<image>`` count that does not fit) becomes a `
 (``mpo.generate.answers.is_empty_answer``), when it is ``""``, blank, ``[]`` or a list of blanks: no response
 could ever be judged correct against it, so sampling it would only spend GPU time.
 
-Item id: ``sha1`` of the JSON of (image paths in file order, question[, chosen]), so it does not depend on line
-numbers, the order of the file or the world size. The images stay in file order because questions refer to them
-by position ("Image-1", "Image-2"): the same images in another order are another question. Two rows with the same
-id are one item: the later row is reported as a duplicate. Per-sample seed: the first 63 bits of
+Item id: ``sha1`` of the JSON of (image paths in file order, question[, chosen][, system_prompt]), so it does not
+depend on line numbers, the order of the file or the world size. The images stay in file order because questions
+refer to them by position ("Image-1", "Image-2"): the same images in another order are another question. The row's
+own ``system_prompt`` leads its request (``with_row_system``), so a row whose system prompt was edited is another
+item and is sampled again; a row without one hashes as before, so outputs started then keep their samples. Two
+rows with the same id are one item: the later row is reported as a duplicate. Per-sample seed: the first 63 bits of
 ``sha256("{seed}:{item_id}:{sample_idx}")``.
 """
 
@@ -39,6 +41,7 @@ from mpo.generate.answers import is_empty_answer
 __all__ = [
     "PromptFile",
     "PromptItem",
+    "image_stamp",
     "item_id",
     "load_item_images",
     "model_name",
@@ -72,11 +75,15 @@ class PromptFile:
     allow_outside_root: bool
 
 
-def item_id(images: Sequence[str], question: str, chosen: str | None = None) -> str:
-    """Stable id of a prompt: sha1 of (image paths in file order, question[, chosen]); see the module docstring."""
+def item_id(images: Sequence[str], question: str, chosen: str | None = None, system_prompt: str | None = None) -> str:
+    """Stable id of a prompt: sha1 of (image paths in file order, question[, chosen][, system_prompt]); see the
+    module docstring. The system prompt goes in as ``{"system_prompt": ...}``, which no ``chosen`` string can
+    equal, and only when there is one, so that the ids of rows without it did not change when it was added."""
     key: list[Any] = [list(images), question]
     if chosen is not None:
         key.append(chosen)
+    if system_prompt is not None:
+        key.append({"system_prompt": system_prompt})
     return hashlib.sha1(json.dumps(key, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -152,6 +159,21 @@ def read_prompts(path: str | Path, *, required: Sequence[str], prepare: Callable
     return PromptFile(path, items, rejected, root, allow_outside_root)
 
 
+def image_stamp(prompts: PromptFile, item: PromptItem) -> list[list[int]] | None:
+    """``[size, mtime_ns]`` of each image file of ``item`` now, or ``None`` when one cannot be read: how a rerun
+    tells that a row the model's processor refused has had its image replaced since (``PartState.retries``)."""
+    try:
+        stamps = []
+        for k, rel in enumerate(item.images):
+            st = resolve_image_path(prompts.image_root, rel, dataset=str(prompts.path), line=item.line,
+                                    field=_image_field(len(item.images), k),
+                                    allow_outside_root=prompts.allow_outside_root).stat()
+            stamps.append([st.st_size, st.st_mtime_ns])
+        return stamps
+    except (OSError, RowError):
+        return None
+
+
 def load_item_images(prompts: PromptFile, item: PromptItem) -> list[Image.Image]:
     """Decode an item's images (RGB). Raises ``ImageError`` naming the file, line and field."""
     return [load_image(prompts.image_root, rel, dataset=str(prompts.path), line=item.line,
@@ -179,7 +201,9 @@ def _parse(text: bytes, line: int, dataset: str, required: Sequence[str], prepar
         prompt = prepare(row, len(images))
     except ValueError as exc:
         raise RowError(dataset, line, "question", str(exc)) from None
-    ident = item_id(images, row["question"], row["chosen"] if "chosen" in id_fields else None)
+    system = row.get("system_prompt")  # only a string leads the request (with_row_system): only a string counts
+    ident = item_id(images, row["question"], row["chosen"] if "chosen" in id_fields else None,
+                    system if isinstance(system, str) else None)
     return PromptItem(line, row, images, ident, prompt)
 
 

@@ -21,7 +21,7 @@ import json
 import random
 from typing import TYPE_CHECKING, NamedTuple
 
-from mpo.generate.scan import FMT, NEG, POS, Entry, Key, _Scan
+from mpo.generate.scan import FMT, NEG, POS, Entry, Key, _Scan, question_of
 
 if TYPE_CHECKING:  # only for annotations: postprocess imports this module
     from mpo.generate.postprocess import DatasetStats, PostprocessConfig
@@ -63,7 +63,9 @@ def select_pairs(chosen: list[Entry], rejected: list[Entry], cap: int, seed: int
 
 
 def _key_seed(key: Key, rule: str) -> int:
-    text = json.dumps([rule, *key], ensure_ascii=False)
+    # The question and the row's system prompt (when it has one), not the prompt text: a key of a row without
+    # a system prompt draws the same pairs as before the key held the last two.
+    text = json.dumps([rule, *question_of(key), *([key[3]] if key[3] else [])], ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
@@ -75,8 +77,10 @@ class _KeyPlan(NamedTuple):
     neg_item: Entry | None
 
 
-def _plan(scan: _Scan, gt_pos: dict[Key, list[Entry]], cfg: PostprocessConfig,
+def _plan(scan: _Scan, gt_pos: dict[tuple[str, str, str], list[Entry]], cfg: PostprocessConfig,
           stats: DatasetStats) -> list[_KeyPlan]:
+    """One plan per key that writes anything. ``gt_pos``: ``--gt-responses`` positives by question
+    (``question_of``): a reference answer is not sampled under a prompt, so it joins every key of its question."""
     plans = []
     for key in sorted(scan.groups):
         entries = scan.groups[key]
@@ -86,8 +90,8 @@ def _plan(scan: _Scan, gt_pos: dict[Key, list[Entry]], cfg: PostprocessConfig,
         stats.all_correct_keys += bool(pos and not neg and not fmt)
         stats.all_wrong_keys += bool(not pos and (neg or fmt))
         neg_item = min(neg, key=lambda e: (e.digest, e.offset)) if neg and not pos else None
-        if key in gt_pos and (cfg.force or not pos):
-            pos = pos + gt_pos[key]
+        if question_of(key) in gt_pos and (cfg.force or not pos):
+            pos = pos + gt_pos[question_of(key)]
         cap = cfg.num_pairs_per_key
         corr = select_pairs(pos, neg, cap, _key_seed(key, "correctness"), True) if pos and neg else []
         form = select_pairs(pos, fmt, cap, _key_seed(key, "format"), False) if pos and fmt else []

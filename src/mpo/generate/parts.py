@@ -27,12 +27,15 @@ from mpo.fsio import atomic_write_json
 
 __all__ = [
     "MARKER",
+    "REFUSED",
     "OutputLayout",
     "PartFileError",
     "PartState",
     "PartWriter",
     "ResumeError",
     "check_settings",
+    "error_kind",
+    "item_error_marker",
     "output_started",
     "record_settings",
     "scan_parts",
@@ -88,9 +91,30 @@ class OutputLayout:
 # Part files
 
 
+REFUSED = "refused"
+"""``kind`` of an item error where the model's processor refused the row; any other kind is an image that could
+not be decoded (``"decode"``)."""
+
+
+def item_error_marker(item_id: str, error: dict[str, Any], kind: str, attempt: int,
+                      images: list[list[int]] | None) -> dict[str, Any]:
+    """The part-file line that settles, for this run, an item that could not be sampled. ``attempt`` counts the
+    runs that tried it (the highest stands: part files of several world sizes have no common order); ``images``
+    is the ``(size, mtime_ns)`` of its image files, by which a refused row is known to be unchanged."""
+    return {MARKER: "item_error", "item_id": item_id, "error": error, "kind": kind, "attempt": attempt,
+            "images": images}
+
+
+def error_kind(marker: dict[str, Any]) -> str:
+    """The marker's ``kind``; markers written before it was recorded tell a refusal by its message."""
+    message = str((marker.get("error") or {}).get("message", ""))
+    return marker.get("kind") or (REFUSED if message.startswith("the model's processor refused it") else "decode")
+
+
 @dataclass
 class PartState:
-    """What the part files of an output hold. ``samples`` maps (item_id, sample_idx) to (file, byte offset)."""
+    """What the part files of an output hold. ``samples`` maps (item_id, sample_idx) to (file, byte offset);
+    ``item_errors`` maps an item id to its latest ``item_error`` marker (``item_error_marker``)."""
 
     files: list[Path] = field(default_factory=list)
     samples: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
@@ -103,10 +127,31 @@ class PartState:
         return (item, idx) in self.samples or (item, idx) in self.dropped
 
     def missing(self, item: str, n: int) -> list[int]:
-        """Sample indices of ``item`` still to generate (none once the item has an image error)."""
-        if item in self.item_errors:
-            return []
+        """Sample indices of ``item`` still to generate, also when its last attempt ended in an item error: a
+        rerun tries such an item again (``retries``), since its image may have been repaired."""
         return [i for i in range(n) if not self.has(item, i)]
+
+    def error(self, item: str, n: int) -> dict[str, Any] | None:
+        """The error that stands for ``item``: its latest marker while samples are still missing (an item made
+        whole by a later attempt has none), else ``None``."""
+        marker = self.item_errors.get(item)
+        return marker["error"] if marker is not None and self.missing(item, n) else None
+
+    def settled(self, item: str, n: int) -> bool:
+        """Whether ``item`` needs nothing more from this run: all samples, or an error that stands."""
+        return not self.missing(item, n) or item in self.item_errors
+
+    def retries(self, item: str, images: list[list[int]] | None) -> bool:
+        """Whether a run tries ``item`` again after an item error. An image that could not be decoded always
+        (it is decoded again before any model is built, so a row still broken costs no model load); a row the
+        processor refused only once its image files changed (``images``: their size and mtime now), since the
+        same files would be refused again, at the price of loading the model."""
+        marker = self.item_errors.get(item)
+        return marker is None or error_kind(marker) != REFUSED or marker.get("images") != images
+
+    def next_attempt(self, item: str) -> int:
+        marker = self.item_errors.get(item)
+        return 1 if marker is None else int(marker.get("attempt", 1)) + 1
 
 
 def scan_parts(layout: OutputLayout, repair: Path | None = None) -> PartState:
@@ -117,7 +162,9 @@ def scan_parts(layout: OutputLayout, repair: Path | None = None) -> PartState:
             key = (rec.get("item_id"), rec.get("sample_idx"))
             kind = rec.get(MARKER)
             if kind == "item_error":
-                state.item_errors.setdefault(rec["item_id"], rec["error"])
+                old = state.item_errors.get(rec["item_id"])
+                if old is None or rec.get("attempt", 1) > old.get("attempt", 1):
+                    state.item_errors[rec["item_id"]] = rec
             elif state.has(*key):
                 state.duplicates += 1  # only possible if two runs wrote the same output at once
             elif kind == "dropped":

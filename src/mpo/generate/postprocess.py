@@ -16,9 +16,12 @@ and an existing output that ``manifest.json`` does not list as this dataset's is
 outputs are listed in the manifest before they are written, so the files a crash leaves behind are still known
 as ours.
 
-A pair row is ``{"image"?, "question", "chosen", "rejected", "answer_gt", "chosen_meta"?,
-"rejected_meta"?}``, where ``question`` is the *original* question (``question_orig``), not the
-instruction-wrapped prompt the model was sampled with: pairs train on what users ask.
+A pair row is ``{"image"?, "question", "chosen", "rejected", "answer_gt", "question_orig", "system_prompt"?,
+"chosen_meta"?, "rejected_meta"?}``, where ``question`` is the prompt the model was sampled with (the
+instruction-wrapped ``question`` of the Stage-1 records, as in the seed) and ``system_prompt`` the row's own, when it
+had one: training renders the pair as the responses were drawn. (The original question, with its short-answer
+instruction such as "Answer the question using a single word or phrase.", paired long step-by-step answers with a
+question that asks for one word; it stays in the row as ``question_orig``.)
 
 The run is split by role over three modules, each readable alone:
 
@@ -37,9 +40,9 @@ response, the label, the normalised answer, the byte offset), grouped by key. Pa
 sorted order, picks pairs from those entries, and re-reads just the records it writes by offset (the four
 files are written by the pool too, one file per worker at a time).
 
-Determinism: keys are ``(image, question_orig, answer)``; identical responses of a key are merged before
-pairing; candidates are ordered by response digest and sampled with an RNG seeded from a stable hash
-of the key; outputs are sorted by key, then by (chosen, rejected).
+Determinism: keys are ``(image, question_orig, answer, system_prompt, prompt)`` (``mpo.generate.scan.Key``);
+identical responses of a key are merged before pairing; candidates are ordered by response digest and sampled
+with an RNG seeded from a stable hash of the key; outputs are sorted by key, then by (chosen, rejected).
 """
 
 from __future__ import annotations
@@ -71,15 +74,23 @@ from mpo.generate.scan import (
     _scan_file,
     judge_record,
     malformed_rows,
+    no_stage1_files,
+    question_of,
+    stage1_files,
 )
 
 # Entry, Judgement, judge_record, select_pairs (and POS/NEG/FMT, Key, MAX_LOGGED_ERRORS) moved to scan.py
 # and pairs.py; they are re-exported here, so imports from this module keep working.
-__all__ = ["DatasetStats", "Entry", "Judgement", "ManifestConflict", "OutputPathError", "PostprocessConfig",
+__all__ = ["DatasetStats", "Entry", "Judgement", "Key", "ManifestConflict", "OutputPathError", "PostprocessConfig",
            "judge_record", "output_paths", "run_postprocess", "select_pairs"]
 
-JUDGE_VERSION = 2
-"""Bump when judging changes, so that ``manifest.json`` entries of older runs are recomputed."""
+Question = tuple[str, str, str]
+"""``(image, question_orig, answer)`` of a key (``question_of``): what ``--gt-responses`` positives join by."""
+
+JUDGE_VERSION = 3
+"""Bump when judging or the rows written change, so that ``manifest.json`` entries of older runs are recomputed.
+2: units after numbers. 3: signs, relations, factorials and interval brackets make an answer differ; pair rows
+keep the sampled prompt and the row's ``system_prompt``."""
 
 
 class ManifestConflict(ValueError):
@@ -114,6 +125,8 @@ class PostprocessConfig:
             raise ValueError(f"--data-dir: not a folder: {self.data_dir}")
         if self.gt_responses is not None and not Path(self.gt_responses).is_file():
             raise ValueError(f"--gt-responses: no such file: {self.gt_responses}")
+        if not stage1_files(self.data_dir):
+            raise ValueError(no_stage1_files(self.data_dir))
 
 
 @dataclass
@@ -192,9 +205,11 @@ def _pair_rows(plans: list[_KeyPlan], records: _Records, rule: str) -> Iterator[
             if neg not in loaded:
                 loaded[neg] = records.record(neg)
             chosen, rejected = loaded[pos], loaded[neg]
-            row: dict[str, Any] = {"image": chosen["image"]} if chosen.get("image") else {}
-            row.update(question=plan.key[1], chosen=chosen["response"], rejected=rejected["response"],
-                       answer_gt=plan.key[2])
+            row: dict[str, Any] = {"image": rejected["image"]} if rejected.get("image") else {}
+            row.update(question=plan.key[4], chosen=chosen["response"], rejected=rejected["response"],
+                       answer_gt=plan.key[2], question_orig=plan.key[1])
+            if plan.key[3]:
+                row["system_prompt"] = json.loads(plan.key[3])
             if "meta" in chosen:
                 row["chosen_meta"] = chosen["meta"]
             if "meta" in rejected:
@@ -211,12 +226,15 @@ def _pos_rows(plans: list[_KeyPlan], records: _Records) -> Iterator[dict]:
 
 
 def _neg_rows(plans: list[_KeyPlan], records: _Records) -> Iterator[dict]:
-    """Hard questions as valid Stage-1 input: ``question`` is the original question, never the prompt."""
+    """Hard questions as valid Stage-1 input: ``question`` is the original question, never the prompt (it would
+    be wrapped twice), with the row's own ``system_prompt`` when it had one (it is part of the prompt)."""
     for plan in plans:
         if plan.neg_item is not None:
             record = records.record(plan.neg_item)
             row: dict[str, Any] = {"image": record["image"]} if record.get("image") else {}
             row.update(question=plan.key[1], answer=record["answer"])
+            if plan.key[3]:
+                row["system_prompt"] = json.loads(plan.key[3])
             if "meta" in record:
                 row["meta"] = record["meta"]
             yield row
@@ -300,7 +318,7 @@ def _settings(cfg: PostprocessConfig, mode: str) -> dict[str, Any]:
             "timeout": cfg.timeout}
 
 
-def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]], mode: str) -> DatasetStats:
+def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Question, list[Entry]], mode: str) -> DatasetStats:
     stats = DatasetStats(dataset=path.stem)
     scan = _scan_file(path, 0, mode, cfg, cfg.max_lines)
     stats.lines, stats.malformed = scan.lines, len(scan.bad)
@@ -318,10 +336,12 @@ def _process(path: Path, cfg: PostprocessConfig, gt_pos: dict[Key, list[Entry]],
     return stats
 
 
-def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Key, list[Entry]]],
-                  log: Callable[[str], None]) -> dict[Key, list[Entry]]:
-    """Judged positives of ``--gt-responses`` (source 1), by key; judged once per checking mode. Its malformed
-    lines (the same in every mode) are logged and written to :data:`GT_REPORT` at its first scan."""
+def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Question, list[Entry]]],
+                  log: Callable[[str], None]) -> dict[Question, list[Entry]]:
+    """Judged positives of ``--gt-responses`` (source 1), by question (``question_of``: a reference response joins
+    the keys of its question whatever prompt or system prompt they were sampled with); judged once per checking
+    mode. Its malformed lines (the same in every mode) are logged and written to :data:`GT_REPORT` at its first
+    scan."""
     if cfg.gt_responses is None:
         return {}
     if mode not in cache:
@@ -335,7 +355,10 @@ def _gt_positives(cfg: PostprocessConfig, mode: str, cache: dict[str, dict[Key, 
             if scan.bad:
                 log(f"malformed: {len(scan.bad)} line(s) of --gt-responses {path} cannot be used; every one is in "
                     f"{report}")
-        cache[mode] = {k: pos for k, v in scan.groups.items() if (pos := [e for e in v if e.label == POS])}
+        by_question: dict[Question, list[Entry]] = {}
+        for key, entries in scan.groups.items():
+            by_question.setdefault(question_of(key), []).extend(e for e in entries if e.label == POS)
+        cache[mode] = {q: pos for q, pos in by_question.items() if pos}
     return cache[mode]
 
 
@@ -405,9 +428,7 @@ def run_postprocess(cfg: PostprocessConfig, log: Callable[[str], None] = print) 
     manifest_path = cfg.save_dir / "manifest.json"
     manifest = _read_manifest(manifest_path, log)
     datasets = manifest.setdefault("datasets", {})
-    files = sorted(p for p in Path(cfg.data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
-    if not files:
-        log(f"warning: no *.jsonl files in {cfg.data_dir}")
+    files = stage1_files(cfg.data_dir)  # not empty: PostprocessConfig refuses a --data-dir without any
     _check_outputs(cfg, files, manifest, manifest_path)
     if not cfg.overwrite:
         _check_sources(files, datasets, manifest_path)

@@ -1,10 +1,11 @@
 """Pass 1 of ``mpo postprocess correctness``: read a Stage-1 file, judge every line, group the verdicts by key.
 
 What lives here, and why it is its own module: everything that touches the *input* of Stage 2 before
-any pair is picked. That is judging one record (``judge_record``: truncated or unextractable responses
+any pair is picked. That is finding the Stage-1 files of ``--data-dir`` (``stage1_files``; ``no_stage1_files``
+says where they are when it holds none), judging one record (``judge_record``: truncated or unextractable responses
 are format negatives, never positives), validating the fields a line needs and building its group key
-``(image, question_orig, answer)``, and streaming the file within bounded memory. The run itself
-(``mpo.generate.postprocess``) and pair selection (``mpo.generate.pairs``) only see the result: a
+``(image, question_orig, answer, system_prompt, prompt)``, and streaming the file within bounded memory. The
+run itself (``mpo.generate.postprocess``) and pair selection (``mpo.generate.pairs``) only see the result: a
 ``_Scan`` holding, per key, one small ``Entry`` per judged line.
 
 Bounded memory on a 1.2-million-line file: pass 0 counts newlines block by block and cuts the first
@@ -24,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -48,7 +50,7 @@ if TYPE_CHECKING:  # only for annotations: postprocess imports this module
     from mpo.generate.postprocess import PostprocessConfig
 
 __all__ = ["FMT", "MAX_LOGGED_ERRORS", "NEG", "POS", "BadLine", "Entry", "Judgement", "Key", "judge_record",
-           "malformed_rows"]
+           "malformed_rows", "no_stage1_files", "question_of", "stage1_files"]
 
 POS, NEG, FMT = 1, 0, 2
 MAX_LOGGED_ERRORS = 20
@@ -56,8 +58,13 @@ _MIN_CHUNK_BYTES = 1 << 20  # smaller pool tasks cost more in start-up and pickl
 _READ_BLOCK = 1 << 22  # pass 0 counts newlines block by block; ranges are cut at block ends
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only lines with such an escape need the check
 
-Key = tuple[str, str, str]
-"""``(image as JSON text or "", question_orig, answer as text)``."""
+Key = tuple[str, str, str, str, str]
+"""``(image as JSON text or "", question_orig, answer as text, system_prompt as JSON text or "", prompt)``.
+
+The first three name the question (``--gt-responses`` positives join by them, see ``question_of``); the last
+two are what the model was sampled with: the row's own ``system_prompt`` and the instruction-wrapped prompt
+(``question``). Answers sampled under another system prompt or template are another group, so a pair never
+mixes them, and a pair row can carry both (the prompt is its ``question``, the system prompt its own)."""
 
 
 class BadLine(NamedTuple):
@@ -150,10 +157,19 @@ def _key_of(record: Any) -> Key:
     question = record.get("question_orig", record.get("question"))
     if not isinstance(question, str):
         raise _Malformed("question_orig", "missing (and no question)")
-    image, answer = record.get("image"), record["answer"]
+    prompt = record.get("question")  # the prompt it was sampled with; a record without one: the question itself
+    prompt = prompt if isinstance(prompt, str) else question
+    image, answer, system = record.get("image"), record["answer"], record.get("system_prompt")
     image_key = image if isinstance(image, str) else json.dumps(image, ensure_ascii=False) if image else ""
     answer_key = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
-    return image_key, question, answer_key
+    # only a string is a system prompt (Stage 1 and training ignore anything else): see with_row_system
+    system_key = json.dumps(system, ensure_ascii=False) if isinstance(system, str) else ""
+    return image_key, question, answer_key, system_key, prompt
+
+
+def question_of(key: Key) -> tuple[str, str, str]:
+    """The question a key samples: ``(image, question_orig, answer)``, without how it was prompted."""
+    return key[0], key[1], key[2]
 
 
 def _require_unicode(record: Any) -> None:
@@ -254,6 +270,38 @@ def malformed_rows(path: Path, bad: list[BadLine]) -> Iterator[dict[str, Any]]:
             except UnicodeDecodeError:
                 row["raw_base64"] = base64.b64encode(raw).decode("ascii")
             yield row
+
+
+def stage1_files(data_dir: Path) -> list[Path]:
+    """The datasets of ``--data-dir``: its ``*.jsonl`` files (directly in it, not below), sorted by name."""
+    return sorted(p for p in Path(data_dir).iterdir() if p.suffix == ".jsonl" and p.is_file())
+
+
+_SKIP_DIRS = frozenset({"parts", "reports"})  # Stage 1's own bookkeeping: part files and reports are no datasets
+_MAX_DIRS_SEEN = 2000  # a --data-dir at the root of a large tree: look a little, never walk it all
+
+
+def no_stage1_files(data_dir: Path) -> str:
+    """Why a ``--data-dir`` without ``*.jsonl`` files is refused, naming the folders below it (at most 3 levels
+    down) that hold some. The seed README passes the sampling ``--out-dir`` here, whose files lie in
+    ``<out-dir>/<model>/max_tiles_<N>/``; the run used to print a warning, write nothing and exit 0, so a
+    scripted pipeline went on with no pairs."""
+    found: list[Path] = []
+    for seen, (root, dirs, files) in enumerate(os.walk(data_dir)):
+        depth = len(Path(root).relative_to(data_dir).parts)
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS) if depth < 3 else []
+        if depth and any(f.endswith(".jsonl") for f in files):
+            found.append(Path(root))
+        if seen >= _MAX_DIRS_SEEN:
+            break
+    head = f"--data-dir {data_dir}: no *.jsonl files in it (Stage-1 files must lie directly in the folder)"
+    if not found:
+        return (f"{head}, nor in its sub-folders (3 levels deep); pass the folder that mpo generate correctness "
+                "wrote, <out-dir>/<model>/max_tiles_<N>")
+    if len(found) == 1:
+        return f"{head}; did you mean {found[0]}?"
+    names = ", ".join(str(p) for p in found[:5]) + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+    return f"{head}; did you mean one of {names}? (one run per folder, e.g. one per tile setting)"
 
 
 def _byte_ranges(path: Path, max_lines: int, chunk_bytes: int) -> list[tuple[int, int, int]]:

@@ -20,12 +20,15 @@ Every rank, independently (no collective calls):
    write the same bytes. A rerun with everything done only merges. (On a filesystem without close-to-open
    consistency a rank may miss a peer's last lines: a rerun merges.)
 
-Part lines are the final records, plus two kinds of markers that tell a restart not to redo work:
-``{"_mpo": "dropped", "item_id", "sample_idx", "reason", ...}`` (a sample the generator threw away, e.g. a
-DropoutNTP continuation that reproduces the chosen answer) and ``{"_mpo": "item_error", "item_id", "error"}``
-(an image that exists but cannot be decoded). Markers never reach the merged output. A merged record is the
-item's prompt row as it is now plus the stored sample's ``GenerationJob.generated_fields``, so a corrected
-``answer`` reaches the output without resampling.
+Part lines are the final records, plus two kinds of markers. ``{"_mpo": "dropped", "item_id", "sample_idx",
+"reason", ...}`` (a sample the generator threw away, e.g. a DropoutNTP continuation that reproduces the chosen
+answer) tells a restart not to redo it. ``{"_mpo": "item_error", "item_id", "error", "kind", "attempt", "images"}``
+settles, for this run, a row that could not be sampled (an image that exists but cannot be decoded, or a row the
+model's processor refused), so the merge can go on without it. A rerun tries it again, since the image may have
+been repaired (``PartState.retries``: a broken image is decoded again before any model is built; a refused row
+once its image files changed), and the outcome of the latest attempt is what the report says. Markers never
+reach the merged output. A merged record is the item's prompt row as it is now plus the stored sample's
+``GenerationJob.generated_fields``, so a corrected ``answer`` reaches the output without resampling.
 
 Part files, their layout and the settings check live in ``mpo.generate.parts`` (re-exported here).
 """
@@ -51,16 +54,18 @@ from PIL import Image
 from mpo.config import field as field_
 from mpo.data.errors import RowError
 from mpo.fsio import atomic_write_json, atomic_write_jsonl
-from mpo.generate.items import PromptFile, PromptItem, model_name, sample_seed
+from mpo.generate.items import PromptFile, PromptItem, image_stamp, model_name, sample_seed
 from mpo.generate.outpaths import check_outputs
 from mpo.generate.parts import (
     MARKER,
+    REFUSED,
     OutputLayout,
     PartFileError,
     PartState,
     PartWriter,
     ResumeError,
     check_settings,
+    item_error_marker,
     output_started,
     record_settings,
     scan_parts,
@@ -256,8 +261,10 @@ class GenerationJob:
     ``settings``: what must not change when an output is resumed.
 
     ``generated_fields`` are what the merge keeps of a stored record; every other field comes from the prompt
-    row as it is *now*. The item id hashes only the images and the question, so a corrected ``answer`` or
-    ``meta`` keeps its samples, and the merged output carries the correction.
+    row as it is *now*. The item id hashes only what the request is made of (the images, the question, the
+    row's own ``system_prompt`` when it has one; ``chosen`` for DropoutNTP), so a corrected ``answer`` or
+    ``meta`` keeps its samples and the merged output carries the correction, while an edited system prompt makes
+    another item, sampled anew (``mpo.generate.items.item_id``).
     """
 
     name: str
@@ -299,7 +306,10 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
     state = scan_parts(job.layout, repair=own if own.exists() else None)
     mine = [job.prompts.items[i] for i in shard_range(len(job.prompts.items), rank, world)]
     todo = [(item, state.missing(item.item_id, job.n)) for item in mine]
-    todo = [(item, missing) for item, missing in todo if missing]
+    todo = [(item, missing) for item, missing in todo  # image files are looked at only for rows that failed
+            if missing and (item.item_id not in state.item_errors
+                            or state.retries(item.item_id, image_stamp(job.prompts, item)))]
+    todo = _decode_again(job, state, todo, own)
     generated = 0
     if todo:
         sampler = make_sampler()
@@ -308,14 +318,14 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
         with PartWriter(own) as writer:
             batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
             for batch, loaded in _with_images(batches, job.load_images, num_workers):
-                lines = _run_batch(job, sampler, batch, loaded)
+                lines = _run_batch(job, sampler, batch, loaded, state)
                 writer.append(lines)
                 generated += sum(1 for line in lines if MARKER not in line)
                 bar.update(len(batch))
         bar.close()
     state = scan_parts(job.layout)
     summary = None
-    if all(not state.missing(item.item_id, job.n) for item in job.prompts.items):
+    if all(state.settled(item.item_id, job.n) for item in job.prompts.items):
         summary = _merge(job, state)
     else:
         log.info("rank %d/%d done; the output is merged by the last rank to finish (or by a rerun)", rank, world)
@@ -323,14 +333,35 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
                      time.perf_counter() - start, summary)
 
 
+def _decode_again(job: GenerationJob, state: PartState, todo: list[tuple[PromptItem, list[int]]],
+                  own: Path) -> list[tuple[PromptItem, list[int]]]:
+    """The rows of ``todo`` whose last attempt ended in an item error are tried again: their images are decoded
+    here, before any model is built, so a row that is still broken gets its new marker (the report names the
+    current reason) without a model load, and a rerun whose only work is such rows stays a merge."""
+    retried = [(item, missing) for item, missing in todo if item.item_id in state.item_errors]
+    still_broken: dict[str, dict[str, Any]] = {}
+    for item, _ in retried:
+        try:
+            job.load_images(item)
+        except RowError as err:
+            still_broken[item.item_id] = _item_error(job, item, err, "decode", state)
+    if retried:
+        log.info("retrying %d row(s) whose last attempt failed; %d still cannot be read", len(retried),
+                 len(still_broken))
+    if still_broken:
+        with PartWriter(own) as writer:
+            writer.append(still_broken.values())
+    return [(item, missing) for item, missing in todo if item.item_id not in still_broken]
+
+
 def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptItem, list[int]]],
-               loaded: list[list[Image.Image] | RowError]) -> list[dict[str, Any]]:
+               loaded: list[list[Image.Image] | RowError], state: PartState) -> list[dict[str, Any]]:
     """Sample one batch; items are grouped by how many samples they miss (one sampler call per group)."""
     lines: list[dict[str, Any]] = []
     groups: dict[int, list[tuple[PromptItem, list[int], list[Image.Image]]]] = {}
     for (item, missing), images in zip(batch, loaded, strict=True):
         if isinstance(images, RowError):
-            lines.append(_item_error(item, images))
+            lines.append(_item_error(job, item, images, "decode", state))
             continue
         groups.setdefault(len(missing), []).append((item, missing, images))
     for k, group in groups.items():
@@ -340,19 +371,21 @@ def _run_batch(job: GenerationJob, sampler: Sampler, batch: list[tuple[PromptIte
         outputs = _sample_or_refuse(sampler, requests, k, job.params)
         for (item, missing, images), item_seeds, samples in zip(group, seeds, outputs, strict=True):
             if isinstance(samples, ValueError):  # this row alone cannot be sampled: reported like a bad image
-                lines.append(_item_error(item, RowError(str(job.prompts.path), item.line,
-                                                        "image" if images else "question",
-                                                        f"the model's processor refused it: {samples}")))
+                err = RowError(str(job.prompts.path), item.line, "image" if images else "question",
+                               f"the model's processor refused it: {samples}")
+                lines.append(_item_error(job, item, err, REFUSED, state))
                 continue
             lines += [job.make_line(item, i, s, smp)
                       for i, s, smp in zip(missing, item_seeds, samples, strict=True)]
     return lines
 
 
-def _item_error(item: PromptItem, err: RowError) -> dict[str, Any]:
-    """The part-file line that settles a row which cannot be sampled (reported in the merge, never retried)."""
+def _item_error(job: GenerationJob, item: PromptItem, err: RowError, kind: str, state: PartState) -> dict[str, Any]:
+    """The part-file line that settles a row which cannot be sampled (reported in the merge; a rerun tries it again,
+    ``PartState.retries``)."""
     log.warning("skipped prompt row %s", err)
-    return {MARKER: "item_error", "item_id": item.item_id, "error": err.to_dict()}
+    return item_error_marker(item.item_id, err.to_dict(), kind, state.next_attempt(item.item_id),
+                             image_stamp(job.prompts, item))
 
 
 def _sample_or_refuse(sampler: Sampler, requests: list[SampleRequest], n: int,
@@ -417,7 +450,7 @@ def _merge(job: GenerationJob, state: PartState) -> dict[str, Any]:
 
     def records() -> Iterator[dict[str, Any]]:
         for item in job.prompts.items:
-            if item.item_id in state.item_errors:  # its image broke after some samples were made: drop them all
+            if state.error(item.item_id, job.n) is not None:  # samples missing and its last attempt failed: none
                 continue
             for idx in range(job.n):
                 where = state.samples.get((item.item_id, idx))
@@ -434,7 +467,7 @@ def _merge(job: GenerationJob, state: PartState) -> dict[str, Any]:
     finally:
         for fh in handles:
             fh.close()
-    errors = [e for i, e in state.item_errors.items() if i in wanted]
+    errors = [e for item in job.prompts.items if (e := state.error(item.item_id, job.n)) is not None]
     atomic_write_jsonl(job.layout.rejected_prompts, [e.to_dict() for e in job.prompts.rejected] + errors)
     dropped = Counter(r for (i, _), r in state.dropped.items() if i in wanted)
     summary = {
