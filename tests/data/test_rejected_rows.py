@@ -70,3 +70,11 @@ def test_the_first_rows_are_logged_then_where_the_rest_go(tmp_path, caplog):
     assert messages[0] == "skipped row ds:1: chosen: is empty (written to rejected_rows.jsonl)"
     assert messages[-1].endswith(f"further skipped rows are only written to {tmp_path / 'rejected_rows.jsonl'}")
     assert len((tmp_path / "rejected_rows.jsonl").read_text().splitlines()) == LOGGED_ROWS + 5
+    resumed = RejectedRowLog(tmp_path / "rejected_rows.jsonl")  # a resumed run's log: the count goes on
+    resumed.counts.update({"row": 12})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mpo.data"):
+        resumed.write(RowError("ds", 99, "chosen", "is empty"))
+    resumed.close()
+    assert [r.getMessage() for r in caplog.records] == ["skipped row ds:99: chosen: is empty (written to "
+                                                        "rejected_rows.jsonl)"]

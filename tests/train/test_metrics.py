@@ -65,3 +65,24 @@ def test_a_log_line_is_the_mean_of_its_steps_and_the_lr_they_used(demo_model, de
         for key in ("loss", "loss/sft", "rewards/accuracies", "rewards/margins"):  # 4 pairs in every step
             assert window[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-9), key
         assert (window["grad_norm"], window["delta"]) == (b["grad_norm"], b["delta"])  # the last step's, as HF
+
+
+def test_a_run_resumed_inside_a_log_window_logs_the_mean_of_all_its_steps(demo_model, demo_data, tmp_path):
+    """logging_steps 3, killed after checkpoint-2 (step 3 ran, its checkpoint did not land), resumed: the step-3
+    line is the mean of steps 1-3, as in the uninterrupted run. The open window was not in the checkpoint, so it
+    was step 3 alone, and steps 1-2 appeared in no line."""
+    import shutil
+
+    from train_helpers import run_config
+
+    from mpo.train.recipe import run_train
+
+    meta, common = demo_data / "meta.json", ["train.logging_steps=3", "train.save_steps=2"]
+    run_train(run_config(demo_model, meta, tmp_path / "a", "train.max_steps=4", *common))
+    run_train(run_config(demo_model, meta, tmp_path / "b", "train.max_steps=3", *common))
+    shutil.rmtree(tmp_path / "b" / "checkpoint-3")  # the kill: resume starts at 2 and cuts the step-3 line
+    run_train(run_config(demo_model, meta, tmp_path / "b", "train.max_steps=4", *common), resume=True)
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 4]
+    for key in ("loss", "rewards/accuracies", "logps/chosen"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-12), key

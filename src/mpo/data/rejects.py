@@ -40,6 +40,7 @@ class RejectedRowLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.counts: Counter[str] = Counter()
+        self._logged = 0  # rows this object warned about (counts may start from a resumed run's)
         self._fd: int | None = None
         self._pid = -1
 
@@ -48,8 +49,9 @@ class RejectedRowLog:
                   "kind": err.kind}
         os.write(self._handle(), (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self.counts[err.kind] += 1
-        if self.total <= LOGGED_ROWS:
-            more = f"; further skipped rows are only written to {self.path}" if self.total == LOGGED_ROWS else ""
+        if self._logged < LOGGED_ROWS:
+            self._logged += 1
+            more = f"; further skipped rows are only written to {self.path}" if self._logged == LOGGED_ROWS else ""
             log.warning("skipped row %s (written to %s)%s", err, self.path.name, more)
 
     @property

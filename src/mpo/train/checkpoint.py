@@ -319,9 +319,10 @@ def require_same_order(path: Path, global_batch: int, pairs_by_dataset: dict[str
 
 
 def restore_run(path: Path, accelerator: Accelerator, scorer, optimizer, scheduler, delta,
-                rejects: RejectedRowLog) -> tuple[int, DataPosition]:
-    """Load a run's checkpoint ``path`` into the prepared model, optimizer, scheduler and δ; cut its logs back to
-    the checkpoint; returns (step, data position). Collective under several processes."""
+                rejects: RejectedRowLog, window=None) -> tuple[int, DataPosition]:
+    """Load a run's checkpoint ``path`` into the prepared model, optimizer, scheduler, δ and the open log
+    ``window`` (:class:`~mpo.train.metrics.LogWindow`); cut its logs back to the checkpoint; returns (step, data
+    position). Collective under several processes."""
     model = accelerator.unwrap_model(scorer).model
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # weights (the fp32 master partitions under ZeRO) and optimizer state from DeepSpeed's own per-rank files
@@ -347,5 +348,7 @@ def restore_run(path: Path, accelerator: Accelerator, scorer, optimizer, schedul
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # the count goes on, not from 0; it is all ranks' (summed when reported)
         rejects.counts.update(trainer_state.get("skipped_rows_by_kind", {}))
+        if window is not None:
+            window.load(trainer_state.get("log_window"))
     pos = trainer_state["position"]
     return trainer_state["step"], DataPosition(pos["epoch"], pos["step_in_epoch"])

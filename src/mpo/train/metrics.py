@@ -47,6 +47,25 @@ class LogWindow:
     def close(self, accelerator) -> dict[str, float]:
         """The window's means over all processes' pairs (a collective when there are several), then an empty
         window. Every rank has the same keys: a stand-in micro-batch adds zeros under its keys."""
+        sums, pairs, tokens = self._on_all_ranks(accelerator)
+        out = {k: v / max(pairs, 1) for k, v in sums.items()}
+        out.update(pairs_per_s=pairs / self.seconds if self.seconds else 0.0,
+                   tokens_per_s=tokens / self.seconds if self.seconds else 0.0)
+        self.sums, self.pairs, self.tokens, self.seconds = {}, 0, 0, 0.0
+        return out
+
+    def state(self, accelerator) -> dict:
+        """The open window of all ranks (collective), for a checkpoint: a run resumed in the middle of a window
+        logs the mean of all its steps, those before the checkpoint included, as the uninterrupted run does."""
+        sums, pairs, tokens = self._on_all_ranks(accelerator)
+        return {"sums": sums, "pairs": pairs, "tokens": tokens, "seconds": self.seconds}
+
+    def load(self, state: dict | None) -> None:
+        """Restore :meth:`state` into one rank's window (rank 0's: the others start empty, the sums add up)."""
+        if state:
+            self.add(state["sums"], state["pairs"], state["tokens"], state["seconds"])
+
+    def _on_all_ranks(self, accelerator) -> tuple[dict[str, float], int, int]:
         sums, pairs, tokens = self.sums, self.pairs, self.tokens
         if accelerator.num_processes > 1:
             keys = sorted(sums)
@@ -54,11 +73,7 @@ class LogWindow:
                                  device=accelerator.device)
             totals = accelerator.reduce(local, reduction="sum").tolist()
             sums, pairs, tokens = dict(zip(keys, totals[:-2])), int(totals[-2]), int(totals[-1])
-        out = {k: v / max(pairs, 1) for k, v in sums.items()}
-        out.update(pairs_per_s=pairs / self.seconds if self.seconds else 0.0,
-                   tokens_per_s=tokens / self.seconds if self.seconds else 0.0)
-        self.sums, self.pairs, self.tokens, self.seconds = {}, 0, 0, 0.0
-        return out
+        return sums, pairs, tokens
 
 
 class MetricsLogger:

@@ -121,6 +121,7 @@ class Run:
     config_text: str = ""
     share_vision: str = ""  # "features" (tower + projector frozen), "tower" (tower frozen), "": none
     processor: Any = None  # saved with every checkpoint and final/
+    window: LogWindow = field(default_factory=LogWindow)  # the steps since the last log line (in checkpoints)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,14 +218,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     if reference is not None and zero_stage >= 0:
         reference = deepspeed_reference(reference, accelerator.deepspeed_config, zero_stage)
 
-    delta = RunningMean(all_reduce=mean_over_ranks(accelerator))
+    delta, window = RunningMean(all_reduce=mean_over_ranks(accelerator)), LogWindow()
     start_step, position = 0, DataPosition()
     if resume and latest is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out)
     if latest is not None:
         ckpt.require_same_order(latest, order.global_batch, mixture.dataset_sizes, encoder.system_prompt)
         try:
-            start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects)
+            start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects,
+                                                    window)
         except ValueError as exc:  # written by another engine (DeepSpeed or not)
             raise TrainingError(f"--resume: {exc}") from None
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
@@ -250,7 +252,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
         elif replayable_tower(backbone) and zero_stage != 3:
             share_vision = "tower"  # ZeRO-3 would have to gather the tower outside the engine's forward
     return Run(cfg, accelerator, scorer, reference, cached, optimizer, scheduler, loader, order, total_steps, delta,
-               rejects, metrics, start_step, config_text, share_vision, processor)
+               rejects, metrics, start_step, config_text, share_vision, processor, window)
 
 
 def _pad_id(processor) -> int:
@@ -294,7 +296,7 @@ def _train_steps(run: Run, batches) -> TrainResult:
     # pair with weight 0 instead of being skipped (a skip hung the other ranks in their collectives).
     lockstep = acc.num_processes > 1 or zero_stage_of(acc) >= 0
     spare = None  # this rank's last usable micro-batch: the weight-0 stand-in
-    step, last, window = run.start_step, {}, LogWindow()
+    step, last, window = run.start_step, {}, run.window
     run.scorer.train()
     freeze_train_mode(acc.unwrap_model(run.scorer).model, cfg.model)
     t_start = time.perf_counter()
@@ -440,6 +442,7 @@ def save(run: Run, step: int) -> None:
     model = acc.unwrap_model(run.scorer).model
     optimizer_state = None if deepspeed else ckpt.full_optimizer_state(model, run.optimizer)  # collective (FSDP2)
     skipped = counts_on_all_ranks(acc, run.rejects.counts)  # collective: every rank's bad rows
+    window = run.window.state(acc)  # collective
     if acc.is_main_process:
         pos = _position(run, step)
         state = {"position": {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch},
@@ -448,7 +451,7 @@ def save(run: Run, step: int) -> None:
                  "world_size": acc.num_processes, "global_batch": run.order.global_batch,
                  "pairs_by_dataset": run.loader.dataset.mixture.dataset_sizes,
                  "system_prompt": run.loader.dataset.encoder.system_prompt,
-                 "log_bytes": ckpt.log_sizes(out)}
+                 "log_bytes": ckpt.log_sizes(out), "log_window": window}
         ckpt.save_checkpoint(out, step, model=model, optimizer_state=optimizer_state, scheduler=run.scheduler,
                              trainer_state=state, config_text=run.config_text, state_dict=weights,
                              started=deepspeed, processor=run.processor)
