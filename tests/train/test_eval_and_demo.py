@@ -120,3 +120,17 @@ def test_eval_of_a_run_uses_the_runs_beta(demo_model, demo_data, tmp_path):
     tenth = run_eval(str(tmp_path / "run"), str(demo_data / "meta_heldout.json"), beta=0.1, **kw)
     assert own.overall["mean_reward_margin"] == pytest.approx(5 * tenth.overall["mean_reward_margin"], rel=1e-6)
     assert tenth.overall["mean_reward_margin"] != 0.0
+
+
+def test_eval_of_a_run_encodes_pairs_as_the_run_did(demo_model, demo_data, tmp_path):
+    """The run trained with 1 tile and max_length 60 (the demo's pairs have 33-86 tokens): eval of the run takes
+    both from its config, as it takes β and the system prompt. It used 12 tiles and 16384 tokens unless told, so it
+    scored pairs that training had dropped as too long."""
+    run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.max_steps=1",
+                         "data.max_length=60"))
+    heldout = str(demo_data / "meta_heldout.json")
+    own = run_eval(str(tmp_path / "run"), heldout)
+    same = run_eval(str(tmp_path / "run"), heldout, max_length=60, max_dynamic_patch=1)
+    other = run_eval(str(tmp_path / "run"), heldout, max_length=16384, max_dynamic_patch=12)
+    assert own.overall == same.overall
+    assert 0 < own.overall["pairs"] < other.overall["pairs"]

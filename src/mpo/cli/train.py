@@ -49,8 +49,10 @@ def eval_(
     reference: str = typer.Option(None, "--reference", help="Reference model (default: the run's base model)."),
     beta: float = typer.Option(None, help="β of the implicit reward (default: the run's loss.beta, else 0.1)."),
     batch_size: int = typer.Option(8, min=1, help="Pairs per forward."),
-    max_length: int = typer.Option(16384, help="Longer pairs are skipped and reported."),
-    max_dynamic_patch: int = typer.Option(12, help="Tile budget per row."),
+    max_length: int = typer.Option(None, min=1, help="Longer pairs are skipped and reported (default: the run's "
+                                   "data.max_length, else 16384)."),
+    max_dynamic_patch: int = typer.Option(None, min=1, help="Tile budget per row (default: the run's "
+                                          "data.max_dynamic_patch, else 12)."),
     blank_images: bool = typer.Option(False, "--blank-images", help="Replace every image by a white one (ablation)."),
     system_prompt: str = typer.Option(None, "--system-prompt", help="auto | none | text (default: the run's "
                                       "data.system_prompt, else auto: InternVL's identity line for InternVL)."),

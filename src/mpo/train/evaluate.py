@@ -128,10 +128,18 @@ def _run_setting(model_path: str | Path, section: str, key: str, missing=None):
 
 
 def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float | None = None,
-             max_length: int = 16384, max_dynamic_patch: int = 12, batch_size: int = 8, blank_images: bool = False,
-             trust_remote_code: bool = False, seed: int = 42, system_prompt: str | None = None) -> EvalReport:
+             max_length: int | None = None, max_dynamic_patch: int | None = None, batch_size: int = 8,
+             blank_images: bool = False, trust_remote_code: bool = False, seed: int = 42,
+             system_prompt: str | None = None) -> EvalReport:
+    """Held-out accuracy of ``model_path``. Settings left None are the run's own when ``model_path`` is a training
+    output (β, tile budget, max_length and system prompt it trained with: the pairs are encoded as in training),
+    else 0.1, 16384 tokens, 12 tiles and ``auto``."""
     if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
         beta = _run_setting(model_path, "loss", "beta") or 0.1
+    if max_length is None:
+        max_length = _run_setting(model_path, "data", "max_length") or 16384
+    if max_dynamic_patch is None:
+        max_dynamic_patch = _run_setting(model_path, "data", "max_dynamic_patch") or 12
     if not (math.isfinite(beta) and beta > 0):  # a negative β flips every reward margin
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if system_prompt is None:  # the run's own prompts
