@@ -51,6 +51,17 @@ def broken(tmp_path, write_dataset, write_png) -> Path:
     return write_dataset([_ok(), _ok()], name="warn", length=3, colour="red")
 
 
+def _planned_lengths(mix, encoder) -> dict[str, list[int]]:
+    """Each dataset's pair lengths as ``encoder`` plans them (what training would encode)."""
+    expected: dict[str, list[int]] = {}
+    for i in range(len(mix)):
+        record = mix.record(i)
+        sizes = [img.size for img in mix.images(record)]
+        expected.setdefault(record.dataset, []).append(
+            encoder.plan_length(record, sizes, max_patches=mix.tile_budget(record)))
+    return expected
+
+
 def test_demo_output_passes(tmp_path):
     write_demo(tmp_path / "demo", n=40, n_heldout=5, n_prompts=4, seed=1)
     result = runner.invoke(app, ["data", "check", str(tmp_path / "demo" / "meta.json"), "--no-progress"])
@@ -179,12 +190,7 @@ def test_token_lengths_with_a_processor(tiny_demo):
     system = resolve_system_prompt(processor, "auto")  # training's default, which the check measures with
     assert system == INTERNVL_SYSTEM_PROMPT
     mix, encoder = PreferenceMixture(read_meta(meta)), PairEncoder(processor, system_prompt=system)
-    expected: dict[str, list[int]] = {}
-    for i in range(len(mix)):
-        record = mix.record(i)
-        sizes = [img.size for img in mix.images(record)]
-        expected.setdefault(record.dataset, []).append(
-            encoder.plan_length(record, sizes, max_patches=mix.tile_budget(record)))
+    expected = _planned_lengths(mix, encoder)
     cut = sorted(expected["shape_colour"])[len(expected["shape_colour"]) // 2]
     report = run_check(meta, processor=processor, max_length=cut, progress=False)
     for d in report.datasets:
@@ -211,3 +217,72 @@ def test_cli_model_that_cannot_load_exits_2(tmp_path):
                                  str(tmp_path / "no-model"), "--no-progress"])
     assert result.exit_code == 2
     assert result.output.startswith(f"--model {tmp_path / 'no-model'}: cannot load the processor: ")
+
+
+def test_check_plans_lengths_with_the_runs_system_prompt(tiny_demo):
+    """``--system-prompt`` is training's ``data.system_prompt``: none and a custom text change every planned length
+    exactly as PairEncoder does under that setting, and the pool workers get the same setting."""
+    from mpo.data import PreferenceMixture, read_meta
+    from mpo.data.encode import PairEncoder
+    from mpo.data.system import resolve_system_prompt
+    from mpo.models import load_processor
+
+    meta, model = tiny_demo
+    processor = load_processor(model)
+    mix = PreferenceMixture(read_meta(meta))
+    maxima = {}
+    custom = "Answer with one word. " * 20
+    for setting in ("auto", "none", custom):
+        expected = _planned_lengths(mix, PairEncoder(processor,
+                                                     system_prompt=resolve_system_prompt(processor, setting)))
+        report = run_check(meta, processor=processor, system_prompt=setting, progress=False)
+        assert {d.name: sorted(d.lengths.tolist()) for d in report.datasets} == {
+            name: sorted(lengths) for name, lengths in expected.items()}
+        maxima[setting] = max(max(v) for v in expected.values())
+    assert maxima["none"] < min(maxima["auto"], maxima[custom]) and maxima["auto"] != maxima[custom]
+    pooled = run_check(meta, processor=processor, system_prompt="none", workers=2, progress=False)
+    assert pooled.to_json() == run_check(meta, processor=processor, system_prompt="none", progress=False).to_json()
+
+
+def test_cli_system_prompt_option(tiny_demo):
+    meta, model = tiny_demo
+    maxima = {}
+    for setting in ("auto", "none"):
+        result = runner.invoke(app, ["data", "check", str(meta), "--model", str(model), "--system-prompt", setting,
+                                     "--json", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        maxima[setting] = max(d["lengths"]["max"] for d in json.loads(result.output)["datasets"])
+    assert maxima["none"] < maxima["auto"]
+    result = runner.invoke(app, ["data", "check", str(meta), "--model", str(model), "--system-prompt", " ",
+                                 "--no-progress"])
+    assert (result.exit_code, result.output) == (
+        2, "--system-prompt is empty: give the text, 'none' (no system turn) or 'auto'\n")
+
+
+def test_max_image_pixels_option(write_dataset, write_png, tmp_path):
+    """An 8x8 image over ``--max-image-pixels 63`` is a row error naming the settings; 0 lifts the limit."""
+    write_png(tmp_path / "images" / "ok.png")
+    meta = write_dataset([_ok(image="ok.png")])
+    result = runner.invoke(app, ["data", "check", str(meta), "--max-image-pixels", "63", "--no-progress"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == (
+        f"ds:1: image: {tmp_path}/images/ok.png has 8x8 = 64 pixels, over max_image_pixels 63 (decompression-bomb "
+        "guard; if the image is genuine, raise data.max_image_pixels for training, precompute and eval, or mpo data "
+        "check --max-image-pixels; 0 = no limit)")
+    for limit in ("64", "0"):
+        result = runner.invoke(app, ["data", "check", str(meta), "--max-image-pixels", limit, "--no-progress"])
+        assert result.exit_code == 0, result.output
+    assert run_check(meta, max_image_pixels=63, progress=False).exit_code == 1
+    assert run_check(meta, max_image_pixels=None, progress=False).exit_code == 0
+
+
+@pytest.mark.parametrize("length, lines", [
+    (1.0, []),
+    (2.0, ["ds:0: length: warning: is 2 but ds.jsonl has 1 rows"]),
+    (1.5, ["ds:0: length: warning: must be an integer >= 0 or null, got 1.5; ignored"]),
+    ("1", ['ds:0: length: warning: must be an integer >= 0 or null, got "1"; ignored']),
+])
+def test_length_that_is_no_integer_is_a_warning(write_dataset, length, lines):
+    """``length`` is informational (InternVL ignores it): a float or a string never makes the dataset unusable."""
+    report = run_check(write_dataset([_ok()], length=length), progress=False)
+    assert (report.exit_code, list(report.problem_lines()), report.datasets[0].usable) == (0, lines, 1)

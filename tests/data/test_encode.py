@@ -49,6 +49,42 @@ def test_question_content_drops_one_newline_after_each_placeholder():
         {"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": "\nB "}, {"type": "image"}]
 
 
+def test_question_content_keeps_the_newline_for_a_template_that_writes_none():
+    assert question_content("A <image>\n\nB <image>\n", drop_newline=False) == [
+        {"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": "\n\nB "}, {"type": "image"},
+        {"type": "text", "text": "\n"}]
+
+
+def test_encode_doctests_pass():
+    import doctest
+
+    import mpo.data.encode
+
+    assert doctest.testmod(mpo.data.encode).failed == 0
+
+
+def test_image_newline_is_read_from_the_template(internvl, qwen, text):
+    """InternVL-HF writes ``<IMG_CONTEXT>\\n`` for an image, Qwen2.5-VL ``<|vision_end|>`` and no newline."""
+    assert (internvl.image_newline, qwen.image_newline, text.image_newline) == (True, False, False)
+
+
+@pytest.mark.parametrize("question, internvl_user, qwen_user", [
+    ("<image>\nWhat?", "<IMG_CONTEXT>\nWhat?", "<V>\nWhat?"),
+    ("Image-1: <image>\nImage-2: <image>\nDescribe.", "Image-1: <IMG_CONTEXT>\nImage-2: <IMG_CONTEXT>\nDescribe.",
+     "Image-1: <V>\nImage-2: <V>\nDescribe."),
+    ("<image>\n\nWhat?", "<IMG_CONTEXT>\n\nWhat?", "<V>\n\nWhat?"),
+    # InternVL's template writes its newline even where the row has none (the seed writes the block in place)
+    ("Compare <image> and <image>.", "Compare <IMG_CONTEXT>\n and <IMG_CONTEXT>\n.", "Compare <V> and <V>."),
+])
+def test_each_newline_after_an_image_is_kept_exactly_once(internvl, qwen, question, internvl_user, qwen_user):
+    """The row's newline after ``<image>`` appears once in the prompt, whether or not the template writes one."""
+    rec = record(question=question, n_images=question.count("<image>"))
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert internvl.prompt_text(rec) == f"<|im_start|>user\n{internvl_user}<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen.prompt_text(rec) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                     f"{qwen_user.replace('<V>', vision)}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_internvl_prompt_is_the_chat_template_rendering(internvl):
     assert internvl.end_of_turn == "<|im_end|>"
     assert internvl.prompt_text(record()) == ("<|im_start|>user\n<IMG_CONTEXT>\nWhat colour is the cube?<|im_end|>\n"
@@ -97,7 +133,8 @@ def test_prompt_plus_answer_is_the_full_conversation_minus_final_newline(which, 
     rec = record(question=Q if n_images else "What colour is the cube?", n_images=n_images)
     pair = enc.encode(rec, [image()] * n_images)
     for answer, ids in ((rec.chosen, pair.chosen_ids), (rec.rejected, pair.rejected_ids)):
-        messages = [{"role": "user", "content": question_content(rec.question) if n_images else rec.question},
+        content = question_content(rec.question, drop_newline=enc.image_newline) if n_images else rec.question
+        messages = [{"role": "user", "content": content},
                     {"role": "assistant", "content": [{"type": "text", "text": answer}] if n_images else answer}]
         rendered = enc.processor.apply_chat_template(messages, tokenize=False)
         if n_images:
@@ -113,7 +150,7 @@ def test_qwen_prompt_grid_and_token_types(qwen):
     """A 64x64 image: 8x8 patches of 8 px, merged 2x2 → 16 <|image_pad|>; grid (t, h, w) = (1, 8, 8)."""
     assert qwen.prompt_text(record()) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        "<|vision_start|><|image_pad|><|vision_end|>What colour is the cube?<|im_end|>\n<|im_start|>assistant\n")
+        "<|vision_start|><|image_pad|><|vision_end|>\nWhat colour is the cube?<|im_end|>\n<|im_start|>assistant\n")
     pair = qwen.encode(record(), [image()], max_patches=3)  # no tiles: max_patches is ignored
     inputs = pair.image_inputs
     assert sorted(inputs) == ["image_grid_thw", "mm_token_type_ids", "pixel_values"]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mpo.data import ImageError, image_size, load_image, resolve_image_path
+from mpo.data.images import pixel_limit
 
 
 def _load(root, rel, **kw) -> Image.Image:
@@ -91,14 +92,31 @@ def test_truncated_file_fails_to_load_but_its_header_is_readable(tmp_path):
     assert err.message.startswith(f"{os.path.realpath(tmp_path)}/cut.png is truncated or corrupt: ")
 
 
+BOMB_ADVICE = ("(decompression-bomb guard; if the image is genuine, raise data.max_image_pixels for training, "
+               "precompute and eval, or mpo data check --max-image-pixels; 0 = no limit)")
+
+
 def test_pixel_limit(tmp_path, write_png):
+    """The message names the settings that exist: the config key and the check's flag."""
     write_png(tmp_path / "big.png", size=(100, 50))
     err = _error(tmp_path, "big.png", max_pixels=4999)
-    assert err.message == (f"{os.path.realpath(tmp_path)}/big.png has 100x50 = 5,000 pixels, over max_pixels 4,999 "
-                           "(decompression-bomb guard; raise max_pixels if the image is genuine)")
-    with pytest.raises(ImageError, match="over max_pixels 4,999"):
+    assert err.message == (f"{os.path.realpath(tmp_path)}/big.png has 100x50 = 5,000 pixels, over max_image_pixels "
+                           f"4,999 {BOMB_ADVICE}")
+    with pytest.raises(ImageError, match="over max_image_pixels 4,999"):
         image_size(tmp_path, "big.png", dataset="ds", line=3, max_pixels=4999)
     assert _load(tmp_path, "big.png", max_pixels=5000).size == (100, 50)
+    assert _load(tmp_path, "big.png", max_pixels=0).size == (100, 50)  # 0: no limit, as the settings say
+
+
+@pytest.mark.parametrize("value, limit", [(None, None), (0, None), (1, 1), (178_956_970, 178_956_970)])
+def test_pixel_limit_of_a_setting(value, limit):
+    assert pixel_limit(value) == limit
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "100", True])
+def test_pixel_limit_refuses_what_is_no_count(value):
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an integer >= 0 \(0 or None: no limit\), got "):
+        pixel_limit(value)
 
 
 def test_pil_decompression_bomb_error_and_warning_become_ours(tmp_path, write_png, monkeypatch):
@@ -106,8 +124,7 @@ def test_pil_decompression_bomb_error_and_warning_become_ours(tmp_path, write_pn
     write_png(tmp_path / "big.png", size=(100, 50))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 5,000 > 2 x 2,000: PIL raises
     assert _error(tmp_path, "big.png", max_pixels=3000).message == (
-        f"{os.path.realpath(tmp_path)}/big.png has 5,000 pixels, over max_pixels 3,000 (decompression-bomb guard; "
-        "raise max_pixels if the image is genuine)")
+        f"{os.path.realpath(tmp_path)}/big.png has 5,000 pixels, over max_image_pixels 3,000 {BOMB_ADVICE}")
     assert _load(tmp_path, "big.png", max_pixels=None).size == (100, 50)  # our looser limit wins
     assert Image.MAX_IMAGE_PIXELS == 2000  # and PIL's global is restored
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 5,000 > 4,000: PIL only warns

@@ -87,7 +87,6 @@ def test_defaults(tmp_path):
     ("max_dynamic_patch", 2.5, "max_dynamic_patch", "must be an integer >= 1 or null, got 2.5"),
     ("data_augment", "yes", "data_augment", 'must be true or false, got "yes"'),
     ("allow_outside_root", 1, "allow_outside_root", "must be true or false, got 1"),
-    ("length", -3, "length", "must be an integer >= 0 or null, got -3"),
     ("root", "", "root", 'must be a non-empty path string, got ""'),
     ("root", "s3://bucket/x", "root", "remote paths are not supported, got 's3://bucket/x'; download the data first"),
     ("annotation", "missing.jsonl", "annotation", "file not found: {tmp}/missing.jsonl"),
@@ -101,6 +100,29 @@ def test_bad_entry_fields(tmp_path, key, value, field, message):
     with pytest.raises(MetaError) as err:
         read_meta(path)
     assert str(err.value) == f"{path}: bad: {field}: {message.format(tmp=tmp_path)}"
+
+
+def test_integral_float_length_is_the_integer(tmp_path):
+    (entry,) = read_meta_entries(_meta(tmp_path, {"a": {"root": ".", "annotation": "a.jsonl", "length": 10.0}}))
+    assert (entry.spec.length, entry.error, entry.warnings) == (10, None, [])
+    assert type(entry.spec.length) is int
+
+
+@pytest.mark.parametrize("value", [10.5, "10", -3, True, float("inf"), [10]])
+def test_bad_length_is_a_warning_never_an_error(tmp_path, caplog, value):
+    """InternVL never reads ``length``: a value that is no row count is ignored with a warning that names the meta
+    file and the dataset (logged by read_meta, as training reads it), and the dataset stays usable."""
+    path = tmp_path / "meta.json"
+    (tmp_path / "a.jsonl").write_text("")
+    path.write_text(json.dumps({"a": {"root": ".", "annotation": "a.jsonl", "length": value}}))
+    shown = json.dumps(value)
+    (entry,) = read_meta_entries(path)
+    assert (entry.spec.length, entry.error) == (None, None)
+    assert entry.warnings == [("length", f"must be an integer >= 0 or null, got {shown}; ignored")]
+    with caplog.at_level(logging.WARNING, logger="mpo.data.meta"):
+        (spec,) = read_meta(path)
+    assert spec.length is None
+    assert f"{path}: a: length: must be an integer >= 0 or null, got {shown}; ignored" in caplog.text
 
 
 @pytest.mark.parametrize("entry, field", [({"annotation": "a.jsonl"}, "root"), ({"root": "."}, "annotation")])

@@ -100,6 +100,21 @@ def test_images_and_tile_budget(write_dataset, write_png, tmp_path):
     assert (err.value.field, err.value.line) == ("image[2]", 1)
 
 
+def test_max_image_pixels_is_the_bomb_limit_of_the_mixture(write_dataset, write_png, tmp_path):
+    """``data.max_image_pixels`` reaches load_image: 24 pixels over a limit of 23 is a row error; 0 and None lift it."""
+    write_png(tmp_path / "images" / "a.png", size=(6, 4))
+    specs = read_meta(write_dataset([{"image": "a.png", "question": "q", "chosen": "a", "rejected": "b"}]))
+    strict = PreferenceMixture(specs, max_image_pixels=23)
+    with pytest.raises(ImageError, match="6x4 = 24 pixels, over max_image_pixels 23 .*raise data.max_image_pixels"):
+        strict.images(strict.record(0))
+    for limit in (24, 0, None):
+        mix = PreferenceMixture(specs, max_image_pixels=limit)
+        assert [img.size for img in mix.images(mix.record(0))] == [(6, 4)]
+    assert PreferenceMixture(specs).max_image_pixels == 178_956_970  # PIL's limit by default
+    with pytest.raises(ValueError, match="max_image_pixels must be an integer >= 0"):
+        PreferenceMixture(specs, max_image_pixels=-1)
+
+
 def test_length_mismatch_is_logged(write_dataset, caplog):
     meta = write_dataset(_rows(3), length=5)
     with caplog.at_level(logging.WARNING, logger="mpo.data.mixture"):

@@ -361,9 +361,9 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("width, height, max_pixels, shown", [
-    (20_000, 20_000, None, "400,000,000 pixels, over max_pixels 178,956,970"),  # PIL refuses it on open
-    (15_000, 15_000, None, "225,000,000 pixels, over max_pixels 178,956,970"),
-    (64, 64, 1_000, "64x64 = 4,096 pixels, over max_pixels 1,000"),  # our own limit, after the header
+    (20_000, 20_000, None, "400,000,000 pixels, over max_image_pixels 178,956,970"),  # PIL refuses it on open
+    (15_000, 15_000, None, "225,000,000 pixels, over max_image_pixels 178,956,970"),
+    (64, 64, 1_000, "64x64 = 4,096 pixels, over max_image_pixels 1,000"),  # our own limit, after the header
 ])
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, width, height, max_pixels, shown):
     (tmp_path / "bomb.png").write_bytes(_png_header_only(width, height))
@@ -372,7 +372,8 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, width, height, 
         with time_limit(10), pytest.raises(ImageError) as err:
             read(tmp_path, "bomb.png", dataset="ds", line=4, **kwargs)
         assert str(err.value) == (f"ds:4: image: {tmp_path / 'bomb.png'} has {shown} (decompression-bomb guard; "
-                                  "raise max_pixels if the image is genuine)")
+                                  "if the image is genuine, raise data.max_image_pixels for training, precompute and "
+                                  "eval, or mpo data check --max-image-pixels; 0 = no limit)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -182,3 +182,34 @@ def test_precompute_with_loader_workers_equals_in_process(demo_model, demo_data,
         assert [(r["dataset"], r["line"], r["kind"]) for r in rejected] == [("shape_colour", 4, "image")]
         caches[workers] = {(d, line): (c, r) for d, line, c, r in read_parts(cache)}
     assert len(caches[0]) == 95 and caches[2] == caches[0]
+
+
+def test_a_cache_of_other_tokens_or_other_usable_rows_is_refused(demo_model, demo_data, tmp_path):
+    """The fingerprint holds how mpo renders pairs (ENCODING_VERSION: a Qwen-VL cache from before the newline after
+    an image was kept holds log-probs of other tokens) and the image-size limit (it decides which rows exist)."""
+    import json
+
+    from mpo.data.encode import ENCODING_VERSION
+
+    meta = demo_data / "meta.json"
+    cache = run_precompute(run_config(demo_model, meta, tmp_path / "pre", f"train.ref_cache={tmp_path / 'cache'}"),
+                           progress=False)
+    with pytest.raises(TrainingError, match=r"max_image_pixels: cache has 178956970, this run has 0"):
+        run_train(run_config(demo_model, meta, tmp_path / "run", f"train.ref_cache={cache}",
+                             "data.max_image_pixels=0"))
+    stamp = cache / "fingerprint.json"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "encoding_version": ENCODING_VERSION - 1}))
+    with pytest.raises(TrainingError, match=rf"encoding_version: cache has {ENCODING_VERSION - 1}, this run has "
+                                            rf"{ENCODING_VERSION}"):
+        run_train(run_config(demo_model, meta, tmp_path / "run2", f"train.ref_cache={cache}"))
+
+
+def test_max_image_pixels_reaches_the_training_data(demo_model, demo_data, tmp_path):
+    """data.max_image_pixels=100 under the demo's 64x64 images: every image row is a bad row naming the key."""
+    import json
+
+    run_train(run_config(demo_model, demo_data / "meta.json", tmp_path / "run", "train.max_steps=2",
+                         "data.max_image_pixels=100"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert rows and all(r["kind"] == "image" and "over max_image_pixels 100" in r["message"] for r in rows)
+    assert "raise data.max_image_pixels" in rows[0]["message"]

@@ -19,11 +19,21 @@ def check(
     workers: int = typer.Option(1, "--workers", min=1, help="Processes checking chunks of rows."),
     max_dynamic_patch: int = typer.Option(12, "--max-dynamic-patch", min=1,
                                           help="Global tile budget (a dataset's max_dynamic_patch overrides it)."),
+    system_prompt: str = typer.Option("auto", "--system-prompt", help="With --model: the run's data.system_prompt, "
+                                      "auto | none | text (auto: InternVL's identity line for InternVL)."),
+    max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", min=0, show_default=False,
+                                                help="Decompression-bomb limit: an image with more pixels is a row "
+                                                     "error (the run's data.max_image_pixels; default 178,956,970, "
+                                                     "PIL's; 0 = no limit)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Validate every dataset, row and image of META. Exit 0: no error; 1: bad rows or datasets; 2: bad META."""
     from mpo.data.check import run_check
+    from mpo.data.images import DEFAULT_MAX_PIXELS
 
+    if not system_prompt.strip():
+        typer.echo("--system-prompt is empty: give the text, 'none' (no system turn) or 'auto'", err=True)
+        raise typer.Exit(2)
     processor = None
     if model is not None:
         try:
@@ -34,7 +44,9 @@ def check(
             typer.echo(f"--model {model}: cannot load the processor: {exc}", err=True)
             raise typer.Exit(2) from None
     report = run_check(meta, processor=processor, max_length=max_length, workers=workers,
-                       max_dynamic_patch=max_dynamic_patch, progress=progress)
+                       max_dynamic_patch=max_dynamic_patch, system_prompt=system_prompt,
+                       max_image_pixels=DEFAULT_MAX_PIXELS if max_image_pixels is None else max_image_pixels,
+                       progress=progress)
     if as_json:
         typer.echo(json.dumps(report.to_json(), ensure_ascii=False))
     else:

@@ -7,7 +7,9 @@ Exit code: 0 no error (warnings allowed), 1 some row or dataset has an error, 2 
 
 With a processor, each usable pair is also planned by ``mpo.data.encode.PairEncoder.plan_length`` (prompt + the
 longer answer, image tokens included) and the table shows token-length p50/p95/max. A pair over ``max_length`` is
-a warning of kind ``too_long``: the data is valid, but training at that length will drop it.
+a warning of kind ``too_long``: the data is valid, but training at that length will drop it. Give the run's
+``system_prompt`` (``data.system_prompt``: auto | none | text) and ``max_dynamic_patch``, or the lengths are those of
+a run with the defaults. ``max_image_pixels`` is the decompression-bomb limit (``data.max_image_pixels``).
 
 ``workers > 1`` checks chunks of rows in a process pool (spawned, so it is safe after torch has started threads).
 """
@@ -29,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mpo.data.errors import MetaError, RowError, TooLongError
-from mpo.data.images import DEFAULT_MAX_PIXELS, load_image
+from mpo.data.images import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from mpo.data.index import AnnotationIndex
 from mpo.data.meta import DatasetSpec, MetaEntry, read_meta_entries
 from mpo.data.records import PreferenceRecord, parse_row, tile_budget
@@ -137,25 +139,33 @@ def _printable(text: str) -> str:
 
 
 def run_check(meta_path: str | Path, *, processor: Any = None, max_length: int | None = None, workers: int = 1,
-              max_dynamic_patch: int = 12, progress: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-              cache_dir: str | Path | None = None) -> CheckReport:
-    """Check a meta file; see the module docstring. ``processor`` (an HF processor) turns on length planning."""
+              max_dynamic_patch: int = 12, system_prompt: str = "auto", progress: bool = True,
+              max_image_pixels: int | None = DEFAULT_MAX_PIXELS, cache_dir: str | Path | None = None) -> CheckReport:
+    """Check a meta file; see the module docstring. ``processor`` (an HF processor) turns on length planning,
+    with ``system_prompt`` as training's ``data.system_prompt``. Raises ``ValueError`` for an empty
+    ``system_prompt`` or a negative ``max_image_pixels`` (0 or None: no limit)."""
+    options = _Options(max_dynamic_patch, pixel_limit(max_image_pixels), max_length,
+                       str(cache_dir) if cache_dir else None)
+    system = None
+    if processor is not None:
+        from mpo.data.system import resolve_system_prompt
+
+        system = resolve_system_prompt(processor, system_prompt)
     report = CheckReport(str(meta_path), planned_lengths=processor is not None, max_length=max_length)
     try:
         entries = read_meta_entries(meta_path)
     except MetaError as exc:
         report.meta_error = str(exc)
         return report
-    options = _Options(max_dynamic_patch, max_pixels, max_length, str(cache_dir) if cache_dir else None)
     try:
-        _check_entries(report, entries, options, processor, workers, progress)
+        _check_entries(report, entries, options, processor, system, workers, progress)
     finally:
         _INDEXES.clear()
     return report
 
 
 def _check_entries(report: CheckReport, entries: list[MetaEntry], options: _Options, processor: Any,
-                   workers: int, progress: bool) -> None:
+                   system: str | None, workers: int, progress: bool) -> None:
     jobs, todo = [], []
     refusal = None
     if processor is not None:  # what training will refuse for this model: say it now
@@ -175,7 +185,7 @@ def _check_entries(report: CheckReport, entries: list[MetaEntry], options: _Opti
     results: dict[str, list[_ChunkResult]] = {}
     with tqdm(total=sum(j.stop - j.start for j in jobs), unit="row", file=sys.stderr, disable=not progress,
               delay=1.0, desc="mpo data check") as bar:
-        for job, result in zip(jobs, _run_jobs(jobs, processor, workers), strict=True):
+        for job, result in zip(jobs, _run_jobs(jobs, processor, system, workers), strict=True):
             results.setdefault(job.spec.name, []).append(result)
             bar.update(job.stop - job.start)
     for dataset in todo:
@@ -215,29 +225,27 @@ class _ChunkResult:
 _ENCODER: Any = None  # the PairEncoder of this process (set in the parent, or by _init_worker in a pool worker)
 
 
-def _make_encoder(processor: Any) -> Any:
+def _make_encoder(processor: Any, system: str | None) -> Any:
     if processor is None:
         return None
     try:
         from mpo.data.encode import PairEncoder
     except ImportError as exc:
         raise RuntimeError(f"token lengths need mpo.data.encode.PairEncoder, which cannot be imported: {exc}") from exc
-    from mpo.data.system import resolve_system_prompt
-
-    # max_length=None: the check measures every pair and compares with max_length itself; the system message is
-    # training's default (data.system_prompt: auto)
-    return PairEncoder(processor, max_length=None, system_prompt=resolve_system_prompt(processor, "auto"))
+    # max_length=None: the check measures every pair and compares with max_length itself; ``system`` is the
+    # resolved system message (run_check's system_prompt setting), as training renders with
+    return PairEncoder(processor, max_length=None, system_prompt=system)
 
 
-def _init_worker(processor: Any) -> None:
+def _init_worker(processor: Any, system: str | None) -> None:
     global _ENCODER
-    _ENCODER = _make_encoder(processor)
+    _ENCODER = _make_encoder(processor, system)
 
 
-def _run_jobs(jobs: list[_Job], processor: Any, workers: int) -> Iterator[_ChunkResult]:
+def _run_jobs(jobs: list[_Job], processor: Any, system: str | None, workers: int) -> Iterator[_ChunkResult]:
     global _ENCODER
     if workers <= 1 or len(jobs) <= 1:
-        _ENCODER = _make_encoder(processor)
+        _ENCODER = _make_encoder(processor, system)
         try:
             yield from map(_check_chunk, jobs)
         finally:
@@ -245,7 +253,7 @@ def _run_jobs(jobs: list[_Job], processor: Any, workers: int) -> Iterator[_Chunk
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(processor,)) as pool:
+                             initargs=(processor, system)) as pool:
         yield from pool.map(_check_chunk, jobs)
 
 

@@ -9,6 +9,11 @@ image with ``max_patches=6`` gives 3 tiles + 1 thumbnail)::
     chosen   The cube is red.<|im_end|>        rejected  The cube is blue.<|im_end|>
     image_inputs {"pixel_values": (4, 3, 64, 64)}, n_image_tokens 64
 
+The row's newline after ``<image>`` is replaced by the one InternVL's template writes after each image; a template
+that writes none (Qwen2.5-VL: ``<|vision_end|>``) keeps the row's (:func:`question_content`). An ``<image>`` inside
+a line (``"this <image> shape?"``) still gets the InternVL template's newline (``</img>\\n shape?``) where
+InternVL's own scripts write the block in place (``</img> shape?``): chat content items cannot say otherwise.
+
 The completion is ``answer + END`` (END = the template's end-of-turn string, ``<|im_end|>`` for ChatML),
 tokenized on its own, so the prompt/completion boundary is exact by construction: no token can merge across
 it. The newline the template writes after ``<|im_end|>`` is *not* part of the completion: at inference the
@@ -32,12 +37,18 @@ import torch
 from mpo.data.errors import RowError, TooLongError
 from mpo.data.records import IMAGE_PLACEHOLDER
 
-__all__ = ["TOKEN_ALIGNED_KEYS", "EncodedPair", "PairEncoder", "processor_tiles", "question_content"]
+__all__ = ["ENCODING_VERSION", "TOKEN_ALIGNED_KEYS", "EncodedPair", "PairEncoder", "processor_tiles",
+           "question_content"]
+
+# Raised whenever mpo renders a pair into other tokens, so that a reference cache of the old tokens is refused:
+# 2 (2026-11-27): a template that writes nothing after an image (Qwen-VL) keeps the row's newline after <image>.
+ENCODING_VERSION = 2
 
 # Processor outputs with one value per prompt token (stored as (P,) like prompt_ids); a collator extends
 # them over the completion with 0 ("text"). Qwen2.5-VL needs mm_token_type_ids for its 3D RoPE positions.
 TOKEN_ALIGNED_KEYS = frozenset({"mm_token_type_ids", "token_type_ids"})
 _SENTINEL = "MPO_END_OF_TURN_PROBE"
+_BEFORE_IMAGE, _AFTER_IMAGE = "MPO_BEFORE_IMAGE_PROBE", "MPO_AFTER_IMAGE_PROBE"
 
 
 class _Record(Protocol):
@@ -95,21 +106,26 @@ def _refusal_is_the_rows(record: _Record, images: list) -> Iterator[None]:
                        f"the processor refused it: {type(exc).__name__}: {exc}") from exc
 
 
-def question_content(question: str) -> list[dict[str, str]]:
+def question_content(question: str, *, drop_newline: bool = True) -> list[dict[str, str]]:
     """Split a question on ``<image>`` into chat content items, so the chat template places each image.
 
-    ONE newline directly after a placeholder is dropped: MMPR-style rows write ``<image>\\nQuestion`` and
-    the template adds its own separator (InternVL writes ``<IMG_CONTEXT>\\n``), so keeping it would double
-    the newline. Empty text pieces are left out.
+    ``drop_newline``: the chat template writes a newline after each image itself (InternVL's ``-HF`` templates
+    write ``<IMG_CONTEXT>\\n``), so ONE newline directly after a placeholder is dropped: MMPR-style rows write
+    ``<image>\\nQuestion`` and keeping it would double the newline. Pass False for a template that writes none
+    (Qwen2.5-VL's ends an image with ``<|vision_end|>``): the row's newline is then kept. ``PairEncoder`` passes
+    what it found in its template (:attr:`PairEncoder.image_newline`). Empty text pieces are left out.
 
     >>> question_content("<image>\\nWhat colour?")
     [{'type': 'image'}, {'type': 'text', 'text': 'What colour?'}]
+    >>> question_content("<image>\\nWhat colour?", drop_newline=False)
+    [{'type': 'image'}, {'type': 'text', 'text': '\\nWhat colour?'}]
     """
     content: list[dict[str, str]] = []
     for i, piece in enumerate(question.split(IMAGE_PLACEHOLDER)):
         if i > 0:
             content.append({"type": "image"})
-            piece = piece[1:] if piece.startswith("\n") else piece
+            if drop_newline and piece.startswith("\n"):
+                piece = piece[1:]
         if piece:
             content.append({"type": "text", "text": piece})
     return content
@@ -124,6 +140,10 @@ class PairEncoder:
     """Encode preference records with a model's processor (VLM) or tokenizer (text-only LM).
 
     ``max_length`` (tokens, image tokens included) drops longer pairs with ``TooLongError``; None keeps all.
+
+    ``image_newline``: whether the chat template writes a newline after an image (InternVL's ``-HF`` templates:
+    ``<IMG_CONTEXT>\\n``; Qwen2.5-VL's: no), read once from a rendered probe; a row's newline right after
+    ``<image>`` is dropped only then (:func:`question_content`), so ``<image>\\nQ`` gives one newline either way.
     """
 
     def __init__(self, processor: Any, *, max_length: int | None = None, system_prompt: str | None = None):
@@ -138,6 +158,7 @@ class PairEncoder:
             raise ValueError(f"{type(processor).__name__} has no chat template; MPO needs one to render prompts")
         probe = self._render_probe()
         self.end_of_turn = self._find_end_of_turn(probe)
+        self.image_newline = self._find_image_newline(probe)
         self.control_tokens = self._find_control_tokens(probe)
         self._tiles = processor_tiles(processor)
         self.image_token_id = getattr(processor, "image_token_id", None) if self.multimodal else None
@@ -151,8 +172,9 @@ class PairEncoder:
                                                   tokenize=False)
 
     def _render_probe(self) -> str:
-        """One user turn (with an image for VLMs) and one assistant turn whose answer is a sentinel."""
-        user = [{"type": "image"}, {"type": "text", "text": "hi"}] if self.multimodal else "hi"
+        """One user turn (for VLMs: text, an image, text) and one assistant turn whose answer is a sentinel."""
+        user = ([{"type": "text", "text": _BEFORE_IMAGE}, {"type": "image"}, {"type": "text", "text": _AFTER_IMAGE}]
+                if self.multimodal else "hi")
         return self._render([{"role": "user", "content": user},
                              {"role": "assistant", "content": self._content(_SENTINEL)}], False)
 
@@ -164,6 +186,17 @@ class PairEncoder:
             raise ValueError(f"{type(self.processor).__name__}: the chat template writes nothing after an "
                              "assistant answer and the tokenizer has no eos_token: cannot end a completion")
         return end
+
+    def _find_image_newline(self, probe: str) -> bool:
+        """Whether the template's rendering of an image item ends with a newline: what it writes between the
+        text before and the text after the image (InternVL-HF: ``<IMG_CONTEXT>\\n``; Qwen2.5-VL:
+        ``<|vision_start|><|image_pad|><|vision_end|>``). False for a text-only model, and for a template that
+        writes the image elsewhere (nothing between the two texts)."""
+        if not self.multimodal:
+            return False
+        start = probe.find(_BEFORE_IMAGE)
+        stop = probe.find(_AFTER_IMAGE)
+        return 0 <= start < stop and probe[start + len(_BEFORE_IMAGE):stop].endswith("\n")
 
     def _find_control_tokens(self, probe: str) -> list[str]:
         """Special tokens that row text must not contain: those the template itself writes (turn markers,
@@ -182,7 +215,8 @@ class PairEncoder:
         system = record.system_prompt if record.system_prompt is not None else self.system_prompt
         if system is not None:
             messages.append({"role": "system", "content": self._content(system)})
-        user = question_content(record.question) if self.multimodal else record.question
+        user = (question_content(record.question, drop_newline=self.image_newline) if self.multimodal
+                else record.question)
         messages.append({"role": "user", "content": user})
         return self._render(messages, add_generation_prompt=True)
 

@@ -6,7 +6,13 @@ drops one row with a reason instead of crashing a worker or silently swapping in
 * Paths are relative to the dataset root and must stay inside it once ``..`` and symlinks are resolved;
   absolute paths are refused too. ``allow_outside_root: true`` on the dataset lifts both rules.
 * ``max_pixels`` (default 178,956,970, PIL's own default) guards against decompression bombs; PIL's
-  ``DecompressionBombWarning``/``Error`` become our ``ImageError``. ``None`` turns the limit off.
+  ``DecompressionBombWarning``/``Error`` become our ``ImageError``. ``None`` or 0 turns the limit off. Users set it
+  as ``data.max_image_pixels`` (training, precompute, eval: ``PreferenceMixture(max_image_pixels=...)``) and
+  ``mpo data check --max-image-pixels``. InternVL sets ``Image.MAX_IMAGE_PIXELS = None`` (no limit); we keep PIL's,
+  because a meta file may list rows from anywhere: a PNG header of a few dozen bytes can declare 20,000 x 20,000
+  pixels, and decoding it takes 1.2 GB of RAM in every DataLoader worker that meets it, enough to get a run
+  killed. The limit is ~13,000 x 13,000 pixels, far above what a tile budget uses (12 tiles of 448 px are 2.4 M
+  pixels), so a genuine image over it is rare; it is one row error (reported, not a crash), and the setting lifts it.
 * Orientation: ``ImageOps.exif_transpose``. Colour: converted to RGB; an alpha channel is composited onto white
   (as the Hugging Face image processors do; InternVL drops alpha, which shows whatever colour the
   transparent pixels happen to store); 16-bit grey keeps its top 8 bits (PIL would clip it at 255).
@@ -25,13 +31,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mpo.data.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "resolve_image_path", "load_image", "image_size", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "pixel_limit", "resolve_image_path", "load_image", "image_size", "to_rgb"]
 
 DEFAULT_MAX_PIXELS = 178_956_970
 _PIL_LOCK = threading.Lock()
 _ROTATES = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _ORIENTATION = 0x0112
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pixel_limit(value: int | None) -> int | None:
+    """The decompression-bomb limit a ``max_image_pixels`` setting asks for: the value, or None (no limit) for
+    None or 0. Raises ``ValueError`` for anything but an integer >= 0."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value or None
+    raise ValueError(f"max_image_pixels must be an integer >= 0 (0 or None: no limit), got {value!r}")
 
 
 def resolve_image_path(root: str | Path, rel: str, *, dataset: str, line: int, field: str = "image",
@@ -126,6 +140,7 @@ def _grey_to_8_bits(values: np.ndarray) -> np.ndarray:
 
 def _open(path: Path, dataset: str, line: int, field: str, max_pixels: int | None) -> Image.Image:
     """Lazy-open (header only) with our pixel limit in place of PIL's global one."""
+    max_pixels = max_pixels or None
     try:
         if os.path.getsize(path) == 0:
             raise ImageError(dataset, line, field, f"{path} is empty (0 bytes)")
@@ -175,5 +190,6 @@ def _pixels_in(exc: Exception) -> int | None:
 def _bomb_message(path: Path, pixels: int | None, max_pixels: int, size: tuple[int, int] | None = None) -> str:
     dims = f"{size[0]}x{size[1]} = " if size else ""
     count = f"{dims}{pixels:,} pixels" if pixels is not None else "too many pixels"
-    return (f"{path} has {count}, over max_pixels {max_pixels:,} (decompression-bomb guard; "
-            f"raise max_pixels if the image is genuine)")
+    return (f"{path} has {count}, over max_image_pixels {max_pixels:,} (decompression-bomb guard; if the image is "
+            "genuine, raise data.max_image_pixels for training, precompute and eval, or mpo data check "
+            "--max-image-pixels; 0 = no limit)")

@@ -17,7 +17,8 @@ Keys of a dataset entry (everything else gives a warning that names the key):
 * ``max_dynamic_patch`` (int >= 1 or null): tile budget of this dataset, overriding the global one.
 * ``data_augment`` (bool, default false): InternVL's training transform for this dataset, a JPEG re-encode of
   every tile at a quality from 75..100 (:mod:`mpo.data.augment`; InternVL tiles only).
-* ``length`` (int >= 0 or null): informational row count; a mismatch with the file gives a warning.
+* ``length`` (int >= 0 or null): informational row count (InternVL ignores it); a mismatch with the file gives a
+  warning. An integral float is read as the integer (``10.0`` is 10); any other value is a warning and ignored.
 * ``allow_outside_root`` (bool, default false): allow image paths that resolve outside ``root``.
 
 Relative ``root`` and ``annotation`` paths resolve against the meta file's folder (InternVL resolves them against the
@@ -194,7 +195,7 @@ def _read_entry(name: str, raw: object, base: Path) -> MetaEntry:
         return MetaEntry(name, None, "appears more than once in this entry; JSON keeps only the last value, "
                                      "so delete the other", repeated[0], warnings)
     try:
-        spec = _build_spec(name, raw, base)
+        spec = _build_spec(name, raw, base, warnings)
     except _EntryError as exc:
         return MetaEntry(name, None, exc.message, exc.key, warnings)
     if spec.repeat_time == 0:
@@ -202,7 +203,7 @@ def _read_entry(name: str, raw: object, base: Path) -> MetaEntry:
     return MetaEntry(name, spec, None, None, warnings)
 
 
-def _build_spec(name: str, raw: dict, base: Path) -> DatasetSpec:
+def _build_spec(name: str, raw: dict, base: Path, warnings: list[tuple[str, str]]) -> DatasetSpec:
     root = _path_field(raw, "root", base)
     annotation = _path_field(raw, "annotation", base)
     repeat = raw.get("repeat_time", 1)
@@ -215,9 +216,7 @@ def _build_spec(name: str, raw: dict, base: Path) -> DatasetSpec:
     mdp = raw.get("max_dynamic_patch")
     if mdp is not None and (not isinstance(mdp, int) or isinstance(mdp, bool) or mdp < 1):
         raise _EntryError("max_dynamic_patch", f"must be an integer >= 1 or null, got {json.dumps(mdp)}")
-    length = raw.get("length")
-    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
-        raise _EntryError("length", f"must be an integer >= 0 or null, got {json.dumps(length)}")
+    length = _length_field(raw.get("length"), warnings)
     flags = {}
     for key in ("data_augment", "allow_outside_root"):
         value = raw.get(key, False)
@@ -227,6 +226,15 @@ def _build_spec(name: str, raw: dict, base: Path) -> DatasetSpec:
     return DatasetSpec(name=name, root=root, annotation=annotation, repeat_time=float(repeat),
                        max_dynamic_patch=mdp, data_augment=flags["data_augment"], length=length,
                        allow_outside_root=flags["allow_outside_root"])
+
+
+def _length_field(value: object, warnings: list[tuple[str, str]]) -> int | None:
+    """``length`` is informational (InternVL never reads it), so a bad value is a warning, never an unusable entry."""
+    if _is_number(value) and math.isfinite(value) and value == int(value) and value >= 0:
+        return int(value)
+    if value is not None:
+        warnings.append(("length", f"must be an integer >= 0 or null, got {json.dumps(value)}; ignored"))
+    return None
 
 
 def _path_field(raw: dict, key: str, base: Path) -> Path:

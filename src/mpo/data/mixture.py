@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from mpo.data.errors import MetaError
-from mpo.data.images import DEFAULT_MAX_PIXELS, load_image
+from mpo.data.images import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from mpo.data.index import AnnotationIndex
 from mpo.data.meta import DatasetSpec
 from mpo.data.records import PreferenceRecord, parse_row
@@ -81,11 +81,12 @@ class PreferenceMixture:
         seed: seeds the ``repeat_time`` subsamples (use the run seed, the same on every rank).
         cache_dir: index cache folder (default ``$MPO_CACHE_DIR/index`` or ``~/.cache/mpo/index``).
         max_dynamic_patch: the global tile budget, for datasets whose entry sets none.
-        max_pixels: decompression-bomb limit passed to ``load_image``.
+        max_image_pixels: decompression-bomb limit of ``load_image`` (``data.max_image_pixels``): an image with
+            more pixels is a row error; None or 0 turns the limit off (see ``mpo.data.images``).
     """
 
     def __init__(self, specs: list[DatasetSpec], *, seed: int = 42, cache_dir: str | Path | None = None,
-                 max_dynamic_patch: int = 12, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_dynamic_patch: int = 12, max_image_pixels: int | None = DEFAULT_MAX_PIXELS):
         names = [s.name for s in specs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -93,7 +94,7 @@ class PreferenceMixture:
         self._specs = list(specs)
         self._by_name = {s.name: d for d, s in enumerate(specs)}
         self.max_dynamic_patch = max_dynamic_patch
-        self.max_pixels = max_pixels
+        self.max_image_pixels = pixel_limit(max_image_pixels)
         self._indexes: list[AnnotationIndex | None] = []
         self._selections: list[RowSelection] = []
         for spec in specs:
@@ -154,7 +155,7 @@ class PreferenceMixture:
         """The decoded RGB images of ``record``, in placeholder order. Raises ``ImageError``."""
         spec = self._specs[self._by_name[record.dataset]]
         return [load_image(spec.root, rel, dataset=record.dataset, line=record.line, field=record.image_field(k),
-                           allow_outside_root=spec.allow_outside_root, max_pixels=self.max_pixels)
+                           allow_outside_root=spec.allow_outside_root, max_pixels=self.max_image_pixels)
                 for k, rel in enumerate(record.images)]
 
     def tile_budget(self, record: PreferenceRecord) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mpo.config import ConfigError, field
+from mpo.data.images import DEFAULT_MAX_PIXELS
 from mpo.data.system import SYSTEM_PROMPT_HELP
 from mpo.losses.mixed import check_loss_types
 
@@ -54,6 +55,8 @@ class DataConfig:
     seed: int = field(42, help="Seed of repeat_time subsampling and of the epoch order (the same on every rank).",
                       ge=0)
     system_prompt: str = field("auto", help=SYSTEM_PROMPT_HELP)
+    max_image_pixels: int = field(DEFAULT_MAX_PIXELS, help="Decompression-bomb guard: a larger image is a bad row "
+                                  "(PIL's default; 0: no limit, as in InternVL's scripts).", ge=0)
 
     def __post_init__(self) -> None:
         if not self.system_prompt.strip():

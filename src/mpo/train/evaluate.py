@@ -23,6 +23,7 @@ import yaml
 
 from mpo.data.encode import PairEncoder
 from mpo.data.errors import RowError
+from mpo.data.images import DEFAULT_MAX_PIXELS
 from mpo.data.meta import read_meta
 from mpo.data.mixture import PreferenceMixture
 from mpo.data.system import resolve_system_prompt
@@ -140,6 +141,7 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
         max_length = _run_setting(model_path, "data", "max_length") or 16384
     if max_dynamic_patch is None:
         max_dynamic_patch = _run_setting(model_path, "data", "max_dynamic_patch") or 12
+    pixels = _run_setting(model_path, "data", "max_image_pixels", missing=DEFAULT_MAX_PIXELS)
     if not (math.isfinite(beta) and beta > 0):  # a negative β flips every reward margin
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if system_prompt is None:  # the run's own prompts
@@ -148,7 +150,8 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
     reference = reference if reference is not None else recorded
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     specs = [dataclasses.replace(s, repeat_time=1.0) if s.repeat_time > 0 else s for s in read_meta(meta_path)]
-    mixture = PreferenceMixture(specs, seed=seed, max_dynamic_patch=max_dynamic_patch)
+    mixture = PreferenceMixture(specs, seed=seed, max_dynamic_patch=max_dynamic_patch,
+                                max_image_pixels=DEFAULT_MAX_PIXELS if pixels is None else pixels)
     encoder = PairEncoder(processor, max_length=max_length,
                           system_prompt=resolve_system_prompt(processor, system_prompt))
     dataset = EncodedPairs(mixture, encoder, blank_images=blank_images)

@@ -108,7 +108,8 @@ def _fill_cache(cfg: RunConfig, batch_size: int, progress: bool) -> Path:
         atomic_write_json(partial, fp)
     acc.wait_for_everyone()
 
-    mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
+    mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch,
+                                max_image_pixels=cfg.data.max_image_pixels)
     encoder = PairEncoder(processor, max_length=cfg.data.max_length, system_prompt=system)
     dataset = EncodedPairs(mixture, encoder, augment_seed=cfg.data.seed)
     done = {(d, line) for d, line, _, _ in read_parts(out)} if (out / "parts").is_dir() else set()

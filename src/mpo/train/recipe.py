@@ -185,7 +185,8 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     specs = read_meta(cfg.data.meta_path)
     system = resolve_system_prompt(processor, cfg.data.system_prompt)
     cached = CachedReference(tc.ref_cache, fingerprint(cfg, specs, processor, system)) if tc.ref_cache else None
-    mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch)
+    mixture = PreferenceMixture(specs, seed=cfg.data.seed, max_dynamic_patch=cfg.data.max_dynamic_patch,
+                                max_image_pixels=cfg.data.max_image_pixels)
     log.info("data: %d pairs per epoch (%s)", len(mixture),
              ", ".join(f"{name} {n}" for name, n in mixture.dataset_sizes.items()))
     encoder = PairEncoder(processor, max_length=cfg.data.max_length, system_prompt=system)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mpo import __version__
+from mpo.data.encode import ENCODING_VERSION
 from mpo.fsio import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RefCacheError", "fingerprint", "CachedReference", "PartWriter", "read_parts", "merge_parts"]
@@ -74,6 +75,8 @@ def fingerprint(cfg, specs, processor, system_prompt: str | None) -> dict:
         "dtype": cfg.model.dtype,
         "max_length": cfg.data.max_length,
         "max_dynamic_patch": cfg.data.max_dynamic_patch,
+        "max_image_pixels": cfg.data.max_image_pixels,  # which rows are usable
+        "encoding_version": ENCODING_VERSION,  # how mpo renders a pair into tokens
         "datasets": {s.name: {"annotation": str(s.annotation), "size": s.annotation.stat().st_size,
                               "mtime_ns": s.annotation.stat().st_mtime_ns, "max_dynamic_patch": s.max_dynamic_patch,
                               "root": str(s.root), "data_augment": s.data_augment}
