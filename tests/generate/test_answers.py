@@ -301,6 +301,10 @@ def test_span_points_at_the_raw_answer() -> None:
     ("-x", "-x"), ("x>3", "x > 3"), ("x \\le 3", "x ≤ 3"), ("x \\leq 3", "x ≤ 3"), ("4!", "4!"),
     ("[1, 2)", "[ 1 2 )"), ("\\left(-\\infty, 3\\right]", "( - infty 3 ]"), ("2**3", "2^3"),
     ("Paris (France)", "paris france"), ("Paris!", "paris"), ("f(x)", "f x"), ('["C"]', "c"), ("well-known", "well known"),
+    # bold is packaging, a minus has one spelling, a lone quantity loses its brackets, a grouped one keeps them
+    ("**12** cm", "12 cm"), ("12 **cm**", "12 cm"), ("2 ** 3", "2^3"), ("x - y", "x-y"), ("- x", "-x"),
+    ("x = - 3", "x = -3"), ("- Paris", "paris"), ("north - east", "north east"), ("(12 cm)", "12 cm"),
+    ("(-5)", "-5"), ("(x+1)", "x+1"), ("(n+1)!", "( n+1 ) !"), ("是!", "是"), ("2n!", "2n!"), ("≈ 3", "3"),
 ])
 def test_normalize_answer(text: str, norm: str) -> None:
     assert normalize_answer(text) == norm
@@ -326,6 +330,12 @@ SIGN_CASES = [
     ("greater-than-number", ">12", "12"),
     ("less-than-number", "<12", "12"),
     ("python-power", "2**3", "2"),
+    ("spaced-minus-letter", "- x", "x"),
+    ("spaced-minus-number", "- 3", "3"),  # a bullet before a number reads as a minus, like "- x"
+    ("minus-swapped", "x - y", "y - x"),
+    ("grouped-factorial", "(n+1)!", "n+1"),
+    ("grouped-product", "2(x+1)", "2x+1"),
+    ("approximate-value-still-exact", "≈ 3", "4"),
 ]
 
 
@@ -342,6 +352,56 @@ def test_signs_relations_and_brackets_make_an_answer_wrong(pred: str, gt: str) -
 ])
 def test_same_answer_in_another_spelling_stays_right(pred: str, gt: str) -> None:
     assert check_answer(pred, gt, "auto", timeout=30) is True
+
+
+# (id, pred, gt): right answers that judge version 3 judged wrong (b2945ee), each True before it and again now.
+# Bold read as Python's power: "**12** cm" normalised to "12^cm". A dash anywhere but between two words stayed a
+# minus, so spacing decided ("x - y" vs "x-y") and a bullet ("- Paris") was a sign. Any bracket pair around a digit
+# stayed, so "(12 cm)" was not "12 cm". One CJK character before "!" was a factorial. "≈3" went to math-verify raw,
+# which reads it unlike "≈ 3".
+RESTORED_CASES = [
+    ("bold-number-unit", "**12** cm", "12 cm"),
+    ("bold-unit", "12 **cm**", "12 cm"),
+    ("bold-yes", "**Yes** it is", "yes"),
+    ("bold-no", "**No** it is not", "no"),
+    ("bold-word", "**red** car", "red car"),
+    ("bold-number-word", "**2** apples", "2 apples"),
+    ("spaced-binary-minus", "x - y", "x-y"),
+    ("tight-binary-minus", "x-y", "x - y"),
+    ("spaced-unary-minus", "- x", "-x"),
+    ("bullet-word", "- Paris", "Paris"),
+    ("bullet-yes", "- yes", "yes"),
+    ("trailing-dash", "Paris -", "Paris"),
+    ("spaced-hyphen", "north - east", "north-east"),
+    ("number-hyphen-word", "2-methylpropane", "2 methylpropane"),
+    ("parenthesised-length", "(12 cm)", "12 cm"),
+    ("parenthesised-angle", "(45°)", "45°"),
+    ("parenthesised-mass", "(1.5 kg)", "1.5 kg"),
+    ("parenthesised-number", "(12)", "12"),
+    ("function-call", "f(2)", "f 2"),
+    ("parenthesised-speed", "12 (km/h)", "12 km/h"),
+    ("cjk-exclamation", "是!", "是"),
+    ("cjk-exclamation-2", "猫!", "猫"),
+    ("approx-tight", "≈3", "3"),
+    ("approx-spaced", "≈ 3", "3"),
+    ("approx-latex", "\\approx 3", "3"),
+    ("approx-decimal", "≈0.5", "0.5"),
+    ("tilde-decimal", "~0.5", "0.5"),
+]
+
+
+@pytest.mark.parametrize("pred,gt", [c[1:] for c in RESTORED_CASES], ids=[c[0] for c in RESTORED_CASES])
+def test_packaging_and_spacing_never_make_a_right_answer_wrong(pred: str, gt: str) -> None:
+    assert check_answer(pred, gt, "auto", timeout=30) is True
+    if normalize_answer(gt) not in ("yes", "no"):  # yes/no: the first word decides (rule 2)
+        assert normalize_answer(pred) == normalize_answer(gt)  # one normal form: pair selection sees one answer
+
+
+@pytest.mark.parametrize("tail,answer", [("**12** cm", "12 cm"), ("**Yes** it is", "Yes it is"), ("12 **cm**", "12 cm")])
+@pytest.mark.parametrize("marker", ["Final answer: ", "**Final answer:** ", "**Final answer**: "])
+def test_marker_does_not_take_the_answers_opening_bold(marker: str, tail: str, answer: str) -> None:
+    """``Final answer: **12** cm`` extracted as ``12** cm`` (the marker took the answer's opening ``**``)."""
+    assert extract_answer(R + marker + tail, "en").answer == answer
 
 
 @pytest.mark.parametrize("pred,letter", [("B", "B"), ("(c)", "C"), ("D) cat", "D"), ("Option e", "E"),

@@ -137,3 +137,50 @@ def test_a_refused_row_is_tried_again_once_its_image_file_changed(tmp_path):
     fake = FakeSampler()
     result = run_correctness(cfg, fake, env={})
     assert fake.calls == [(1, 2)] and result.summary["rejected_prompts"] == 0 and result.summary["samples"] == 4
+
+
+def _rank(r):
+    return {"RANK": str(r), "WORLD_SIZE": "2"}
+
+
+def test_no_rank_merges_before_a_retried_row_is_done(tmp_path):
+    """World size 2, rank 0's row had an unreadable image, now repaired. Rank 1 has no work: it counted the old
+    marker as settled and merged without the row while rank 0 was still sampling it (a merge that could land
+    after, and replace, rank 0's complete one; the report still named the repaired image)."""
+    (tmp_path / "green.png").write_bytes(b"broken")
+    cfg = _image_cfg(tmp_path)
+    run_correctness(cfg, FakeSampler(), env=_rank(0))
+    first = run_correctness(cfg, FakeSampler(), env=_rank(1))
+    assert (first.summary["samples"], first.summary["rejected_prompts"]) == (2, 1)
+
+    _green(tmp_path)
+    idle = FakeSampler()
+    early = run_correctness(cfg, idle, env=_rank(1))
+    assert idle.calls == [] and (early.output, early.summary) == (None, None)  # it leaves the merge to rank 0
+    busy = FakeSampler()
+    done = run_correctness(cfg, busy, env=_rank(0))
+    assert busy.calls == [(1, 2)]
+    assert (done.summary["items"], done.summary["samples"], done.summary["rejected_prompts"]) == (2, 4, 0)
+    layout = OutputLayout(done.output)
+    assert [r["answer"] for r in _lines(done.output)] == ["green", "green", "2", "2"]
+    assert _lines(layout.rejected_prompts) == []
+    late = run_correctness(cfg, FakeSampler(), env=_rank(1))  # a rank that finishes after it merges the same
+    assert late.output.read_bytes() == done.output.read_bytes() and late.summary == done.summary
+
+
+def test_a_row_that_failed_on_unchanged_files_stands_and_every_rank_merges(tmp_path):
+    """The marker of a row whose image files are the ones it failed on stands for every rank (the files would fail
+    again), so a rerun is a merge on any rank, and loads no model."""
+    (tmp_path / "green.png").write_bytes(b"broken")
+    cfg = _image_cfg(tmp_path)
+    run_correctness(cfg, FakeSampler(), env=_rank(0))
+    run_correctness(cfg, FakeSampler(), env=_rank(1))
+
+    def no_model():
+        raise AssertionError("nothing is retried: no model")
+
+    cfg.sampler_factory = lambda prompts: no_model  # type: ignore[method-assign]
+    for rank in (1, 0):
+        result = run_correctness(cfg, env=_rank(rank))
+        assert result.summary["samples"] == 2 and result.summary["rejected_prompts"] == 1
+    assert [m["attempt"] for m in scan_parts(OutputLayout(result.output)).item_errors.values()] == [1]

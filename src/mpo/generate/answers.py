@@ -11,7 +11,8 @@ its answers depend only on the inputs). Two steps:
    only when the prediction looks mathematical (a unit tail cut off) and so does gt, or gt is a number.
    math-verify runs in a child process that is killed when it overruns ``timeout``: sympy can spend
    minutes in C code on strings such as ``10^{10^{10}}``, where a signal-based alarm never fires. That
-   process guard lives in ``mpo.generate.mathcheck``.
+   process guard lives in ``mpo.generate.mathcheck``; the cleaned and normalised text forms of an answer
+   (``clean_answer``, ``normalize_answer``, re-exported here) in ``mpo.generate.normalize``.
 
 Example: the ``en_v2`` response ``"Half of the unit square.\nAnswer: \boxed{\frac{1}{2}}"`` gives
 ``ExtractResult(answer="\frac{1}{2}", reason=None, span=(40, 51))``; ``check_answer("\frac{1}{2}", "0.5")``
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpo.generate.mathcheck import _MATH  # math-verify in a killable child process
+from mpo.generate.normalize import clean_answer, math_form, normalize_answer
 from mpo.generate.numbers import Number, canonical_unit, parse_number, prepare_units, split_unit
 
 __all__ = [
@@ -81,14 +83,12 @@ def _fail(reason: str) -> ExtractResult:
 # Extraction
 
 # One \s* per gap (not "\s*(?:\*\*)?\s*"): two adjacent \s* backtrack quadratically on a long run of spaces.
-_TRIGGER = re.compile(r"(?:\*\*)?(?:final answer|答案)\s*(?:\*\*\s*)?[:：]\s*(?:\*\*)?", re.IGNORECASE)
+# A ``**`` after the colon belongs to the marker only when the marker opened bold (``**Final answer:** 12``); in
+# ``Final answer: **12** cm`` it opens the answer's bold (taking it left ``12** cm``).
+_TRIGGER = re.compile(r"\*\*(?:final answer|答案)\s*(?:\*\*\s*[:：]|[:：]\s*(?:\*\*)?)"
+                      r"|(?:final answer|答案)\s*(?:\*\*\s*)?[:：]", re.IGNORECASE)
 _BOX = re.compile(r"\\boxed\s*\{")
 _BRACE = re.compile(r"\\.|[{}]", re.DOTALL)
-_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
-_LEAD_IN = re.compile(r"(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s+", re.IGNORECASE)
-_ABBREV = re.compile(r"(?:[A-Za-z]\.){2,}")
-_LONE_OPTION = (re.compile(r"\(([A-Za-z])\)"), re.compile(r"([A-Z])\)"),
-                re.compile(r"(?:option|choice)\s*\(?([A-Z])\)?", re.IGNORECASE))
 
 
 def extract_answer(response: str, version: str) -> ExtractResult:
@@ -167,103 +167,8 @@ def _cleaned(raw: str, span: tuple[int, int]) -> ExtractResult:
     return ExtractResult(answer, None, span) if answer else _fail("empty_answer")
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def clean_answer(raw: str) -> str:
-    """Strip the packaging models put around an answer: ``**B**``, ``$x$``, ``\\text{B}``, "The answer
-    is", a trailing period (not after an abbreviation such as ``U.S.``), and lone option labels
-    ``(B)``, ``B)``, ``Option B``."""
-    s = raw.strip()
-    for _ in range(4):  # wrappers nest (``**$\text{B}$**``); four rounds cover every case seen
-        before = s
-        lead = _LEAD_IN.match(s)
-        s = s[lead.end():] if lead else s
-        if s.startswith("**") or s.endswith("**"):  # markdown bold, possibly unclosed or empty
-            s = s.strip("*").strip()
-        for left, right in (("__", "__"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if len(s) > len(left) + len(right) and s.startswith(left) and s.endswith(right):
-                s = s[len(left): -len(right)].strip()
-        whole = _WRAPPER.fullmatch(s)
-        if whole:
-            s = whole.group(1).strip()
-        if s.endswith(".") and not _ABBREV.fullmatch(s):
-            s = s[:-1].rstrip()
-        if s == before:
-            break
-    for pattern in _LONE_OPTION:
-        m = pattern.fullmatch(s)
-        if m:
-            return m.group(1)
-    return s
-
-
 # ----------------------------------------------------------------------------------------------------
-# Normalisation helpers
-
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = frozenset({"a", "an", "the"})
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-# Kept besides word characters: what changes a number's or a formula's value or meaning. Relations, factorial
-# marks and interval brackets reach this set only after ``_relations``, ``_FACTORIAL`` and ``_brackets`` have turned
-# the ones that mean nothing (prose parentheses, "Paris!") into spaces.
-_PUNCT = re.compile(r"[^\w\s.\-+/%°^<>=≤≥≠≈!()\[\]]")
-_LOOSE_DOT = re.compile(r"(?<!\d)\.|\.(?!\d)")
-# A hyphen joins words (well-known, x-ray); a dash anywhere else is a minus and stays (-x, a-b, x - y, -\infty).
-_HYPHEN = re.compile(r"(?<=[^\W\d_]{2})-(?=[^\W\d_])|(?<=[^\W\d_])-(?=[^\W\d_]{2})")
-_SIZING = re.compile(r"\\(?:left|right|big|bigg|bigl|bigr|biggl|biggr)(?![a-z])")
-_RELATION = re.compile(r"\\(?:leqslant|leq|le|geqslant|geq|ge|neq|ne|approx|lt|gt)(?![a-z])|<=|>=|!=|[≤⩽≥⩾≠≈<>=]")
-_RELATION_SIGN = {"\\leqslant": "≤", "\\leq": "≤", "\\le": "≤", "<=": "≤", "⩽": "≤",
-                  "\\geqslant": "≥", "\\geq": "≥", "\\ge": "≥", ">=": "≥", "⩾": "≥",
-                  "\\neq": "≠", "\\ne": "≠", "!=": "≠", "\\approx": "≈", "\\lt": "<", "\\gt": ">"}
-_FACTORIAL = re.compile(r"(?<=[\d)\]])!|(?<=\b[^\W\d_])!")  # 4!, (n+1)!, n!; not "Paris!" nor LaTeX's \!
-_MATH_CONTENT = re.compile(r"[\d,;|+\-*/^=<>≤≥≠≈()\[\]\\∞]")  # an interval, a tuple, a formula: not words
-_PYTHON_POWER = re.compile(r"(?<=[\w)}\]])\s*\*\*\s*(?=[\w({\[\\-])")
-
-
-def _relations(s: str) -> str:
-    """Relation signs as tokens of one spelling: ``x\\le3`` -> ``x ≤ 3`` (``\\le``, ``\\leq``, ``<=``, ``≤`` alike)."""
-    return _RELATION.sub(lambda m: f" {_RELATION_SIGN.get(m.group(), m.group())} ", s)
-
-
-def _brackets(s: str) -> str:
-    """Brackets as tokens where they carry meaning, else spaces. A matched pair (either kind: ``[1, 2)`` is a
-    pair) is kept when it encloses a digit, a comma, an operator or a LaTeX command, so ``[1, 2)``,
-    ``(-\\infty, 3]`` and ``(3, 2)`` keep which end is open, while ``Paris (France)``, ``3 (cm)``, ``f(x)`` and
-    ``["C"]`` read as before. Unmatched ones go."""
-    out, stack = list(s), []
-    for k, ch in enumerate(s):
-        if ch in "([":
-            stack.append(k)
-        elif ch in ")]":
-            if not stack:
-                out[k] = " "
-                continue
-            start = stack.pop()
-            keep = _MATH_CONTENT.search(s, start + 1, k) is not None  # no slice: nesting stays linear
-            out[start], out[k] = (f" {s[start]} ", f" {ch} ") if keep else (" ", " ")
-    for k in stack:
-        out[k] = " "
-    return "".join(out)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def normalize_answer(text: str) -> str:
-    """Short-answer normal form: lower case, no markup, number words as digits, no articles, punctuation that
-    means nothing dropped. Unlike the VQA normaliser (the seed's ``vqa_score``) it keeps what changes a value:
-    ``-3`` and ``-x`` keep their sign, ``3.5`` its decimals, ``4!`` its factorial, relations stay tokens of one
-    spelling (``x > 3`` is not ``x < 3``, ``\\le`` is ``\\leq``), and an interval or tuple keeps its brackets
-    (``[1, 2)`` is not ``(1, 2]``); thousands separators go (``1,000`` -> ``1000``). Prose parentheses and
-    ``!`` after a word still go, so ``Paris (France)`` reads ``paris france``."""
-    s = clean_answer(text).casefold().replace("\u2212", "-")
-    s = _WRAPPER.sub(r"\1", s)
-    s = _FACTORIAL.sub("\0", _SIZING.sub(" ", _PYTHON_POWER.sub("^", _relations(s))))  # \0: a factorial's !
-    s = _brackets(s.replace("!", " ")).replace("\0", "!")
-    s = s.replace("\\", " ")
-    s = _THOUSANDS.sub("", s)
-    s = _HYPHEN.sub(" ", _LOOSE_DOT.sub(" ", _PUNCT.sub(" ", s)))
-    words = (_NUMBER_WORDS.get(w, w) for w in s.split())
-    return " ".join(w for w in words if w not in _ARTICLES)
-
+# Options and numbers
 
 _OPTION_FORMS = (
     re.compile(r"([A-Za-z])"),
@@ -418,8 +323,9 @@ def _check_cached(pred: str, gt: str, mode: str, timeout: float) -> bool:
         return anls_score(pred, gt) >= ANLS_THRESHOLD
     # math-verify decides what the cheap rules could not read: formulas on both sides, or a numeric gt and a
     # formula (``x = 12 cm``, ``\\sqrt{144}``); prose is never sent (it reads "3 or 13" as a set or worse)
-    # Python's power (2**3) reads as 2 to math-verify's LaTeX parser, which then said 2**3 was right for gt 2
-    pred, gt = _PYTHON_POWER.sub("^", pred), _PYTHON_POWER.sub("^", gt)
+    # without bold or a leading approximation sign, Python's power as ^ (math-verify's LaTeX parser read 2**3 as 2,
+    # and ``≈3`` differently from ``≈ 3``): ``normalize.math_form``
+    pred, gt = math_form(pred), math_form(gt)
     pred_math = _math_part(pred)
     if pred_math is None:
         return False

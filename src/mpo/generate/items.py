@@ -17,8 +17,10 @@ Item id: ``sha1`` of the JSON of (image paths in file order, question[, chosen][
 depend on line numbers, the order of the file or the world size. The images stay in file order because questions
 refer to them by position ("Image-1", "Image-2"): the same images in another order are another question. The row's
 own ``system_prompt`` leads its request (``with_row_system``), so a row whose system prompt was edited is another
-item and is sampled again; a row without one hashes as before, so outputs started then keep their samples. Two
-rows with the same id are one item: the later row is reported as a duplicate. Per-sample seed: the first 63 bits of
+item and is sampled again. A row without one hashes as before, so outputs started before it joined the id keep
+their samples; a row with one is sampled once more there, since nothing in such an output tells whether its
+samples were drawn under the row's system prompt (sent only from 836a4bb on; docs/generate.md). Two rows with the
+same id are one item: the later row is reported as a duplicate. Per-sample seed: the first 63 bits of
 ``sha256("{seed}:{item_id}:{sample_idx}")``.
 """
 
@@ -161,7 +163,8 @@ def read_prompts(path: str | Path, *, required: Sequence[str], prepare: Callable
 
 def image_stamp(prompts: PromptFile, item: PromptItem) -> list[list[int]] | None:
     """``[size, mtime_ns]`` of each image file of ``item`` now, or ``None`` when one cannot be read: how a rerun
-    tells that a row the model's processor refused has had its image replaced since (``PartState.retries``)."""
+    tells that a row whose last attempt failed (an image that could not be decoded, a row the model's processor
+    refused) has had its image replaced since (``PartState.retries``)."""
     try:
         stamps = []
         for k, rel in enumerate(item.images):

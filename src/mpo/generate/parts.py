@@ -18,7 +18,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ __all__ = [
     "PartWriter",
     "ResumeError",
     "check_settings",
-    "error_kind",
     "item_error_marker",
     "output_started",
     "record_settings",
@@ -98,17 +97,13 @@ not be decoded (``"decode"``)."""
 
 def item_error_marker(item_id: str, error: dict[str, Any], kind: str, attempt: int,
                       images: list[list[int]] | None) -> dict[str, Any]:
-    """The part-file line that settles, for this run, an item that could not be sampled. ``attempt`` counts the
-    runs that tried it (the highest stands: part files of several world sizes have no common order); ``images``
-    is the ``(size, mtime_ns)`` of its image files, by which a refused row is known to be unchanged."""
+    """The part-file line that settles an item that could not be sampled, until its image files change.
+    ``attempt`` counts the runs that tried it (the highest stands: part files of several world sizes have no
+    common order); ``images`` is the ``(size, mtime_ns)`` of its image files, by which a rerun knows the row
+    unchanged (``PartState.retries``). ``kind`` (``REFUSED`` or ``"decode"``) is for the reader: both are retried
+    by the same rule."""
     return {MARKER: "item_error", "item_id": item_id, "error": error, "kind": kind, "attempt": attempt,
             "images": images}
-
-
-def error_kind(marker: dict[str, Any]) -> str:
-    """The marker's ``kind``; markers written before it was recorded tell a refusal by its message."""
-    message = str((marker.get("error") or {}).get("message", ""))
-    return marker.get("kind") or (REFUSED if message.startswith("the model's processor refused it") else "decode")
 
 
 @dataclass
@@ -137,17 +132,26 @@ class PartState:
         marker = self.item_errors.get(item)
         return marker["error"] if marker is not None and self.missing(item, n) else None
 
-    def settled(self, item: str, n: int) -> bool:
-        """Whether ``item`` needs nothing more from this run: all samples, or an error that stands."""
-        return not self.missing(item, n) or item in self.item_errors
+    def settled(self, item: str, n: int, images: Callable[[], list[list[int]] | None]) -> bool:
+        """Whether ``item`` needs nothing more from any run: all its samples, or an item error that stands, one
+        that no run tries again (``retries``; ``images`` reads the stamps of its image files, called only for an
+        item with a marker and missing samples). ``run_job`` picks a rank's work by the same rule, so an item that
+        some rank retries is settled for no rank until that retry's outcome (samples, or a marker with the
+        current stamps) is in the part files: no rank merges without it. (Settled used to count any marker, so
+        a rank with no work merged while a peer was still sampling a repaired row, and its merge could land
+        after, and replace, the complete one.)"""
+        if not self.missing(item, n):
+            return True
+        return item in self.item_errors and not self.retries(item, images())
 
     def retries(self, item: str, images: list[list[int]] | None) -> bool:
-        """Whether a run tries ``item`` again after an item error. An image that could not be decoded always
-        (it is decoded again before any model is built, so a row still broken costs no model load); a row the
-        processor refused only once its image files changed (``images``: their size and mtime now), since the
-        same files would be refused again, at the price of loading the model."""
+        """Whether a run tries ``item`` again after an item error: once its image files changed since the failed
+        attempt (``images``: their ``[size, mtime_ns]`` now, against those in the marker). Unchanged files would
+        fail again: an image that could not be decoded the same way, a row the processor refused at the price
+        of loading the model. Markers written before the stamps were kept have none: such a row is tried once
+        more. A retried image is decoded before any model is built, so a row still broken costs no model load."""
         marker = self.item_errors.get(item)
-        return marker is None or error_kind(marker) != REFUSED or marker.get("images") != images
+        return marker is None or marker.get("images") != images
 
     def next_attempt(self, item: str) -> int:
         marker = self.item_errors.get(item)

@@ -23,10 +23,11 @@ Every rank, independently (no collective calls):
 Part lines are the final records, plus two kinds of markers. ``{"_mpo": "dropped", "item_id", "sample_idx",
 "reason", ...}`` (a sample the generator threw away, e.g. a DropoutNTP continuation that reproduces the chosen
 answer) tells a restart not to redo it. ``{"_mpo": "item_error", "item_id", "error", "kind", "attempt", "images"}``
-settles, for this run, a row that could not be sampled (an image that exists but cannot be decoded, or a row the
-model's processor refused), so the merge can go on without it. A rerun tries it again, since the image may have
-been repaired (``PartState.retries``: a broken image is decoded again before any model is built; a refused row
-once its image files changed), and the outcome of the latest attempt is what the report says. Markers never
+settles a row that could not be sampled (an image that exists but cannot be decoded, or a row the model's
+processor refused), so the merge can go on without it. A rerun tries it again once its image files changed, since
+it may have been repaired (``PartState.retries``; a retried image is decoded before any model is built), and the
+outcome of the latest attempt is what the report says. Every rank decides what is settled by the rule that picks
+each rank's work (``PartState.settled``), so no rank merges while another still retries a row. Markers never
 reach the merged output. A merged record is the item's prompt row as it is now plus the stored sample's
 ``GenerationJob.generated_fields``, so a corrected ``answer`` reaches the output without resampling.
 
@@ -305,10 +306,7 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
     own = job.layout.part(rank, world)
     state = scan_parts(job.layout, repair=own if own.exists() else None)
     mine = [job.prompts.items[i] for i in shard_range(len(job.prompts.items), rank, world)]
-    todo = [(item, state.missing(item.item_id, job.n)) for item in mine]
-    todo = [(item, missing) for item, missing in todo  # image files are looked at only for rows that failed
-            if missing and (item.item_id not in state.item_errors
-                            or state.retries(item.item_id, image_stamp(job.prompts, item)))]
+    todo = [(item, state.missing(item.item_id, job.n)) for item in mine if not _settled(job, state, item)]
     todo = _decode_again(job, state, todo, own)
     generated = 0
     if todo:
@@ -325,12 +323,17 @@ def run_job(job: GenerationJob, make_sampler: Callable[[], Sampler], *, batch_si
         bar.close()
     state = scan_parts(job.layout)
     summary = None
-    if all(state.settled(item.item_id, job.n) for item in job.prompts.items):
+    if all(_settled(job, state, item) for item in job.prompts.items):  # the rule that picked every rank's work
         summary = _merge(job, state)
     else:
         log.info("rank %d/%d done; the output is merged by the last rank to finish (or by a rerun)", rank, world)
     return RunResult(rank, world, job.layout.final if summary else None, generated,
                      time.perf_counter() - start, summary)
+
+
+def _settled(job: GenerationJob, state: PartState, item: PromptItem) -> bool:
+    """``PartState.settled``; the image files are looked at only for a row whose last attempt failed."""
+    return state.settled(item.item_id, job.n, lambda: image_stamp(job.prompts, item))
 
 
 def _decode_again(job: GenerationJob, state: PartState, todo: list[tuple[PromptItem, list[int]]],
