@@ -95,7 +95,8 @@ def test_place_image_markers_rejects_counts_that_do_not_fit(prompt, n_images, me
 def test_drop_image_markers_and_to_content():
     assert drop_image_markers("Image-1: <image>\nImage-2: <image>\nCompare them.") == "Image-1: Image-2: Compare them."
     assert drop_image_markers("<image>\nWhat colour?") == "What colour?"
-    assert to_content("<image>\nWhat colour?") == [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    # the text as it is: the sampler drops the newline where the template writes its own (test_gen_samplers)
+    assert to_content("<image>\nWhat colour?") == [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]
     assert to_content("A <image> B<image>") == [{"type": "text", "text": "A "}, {"type": "image"},
                                                 {"type": "text", "text": " B"}, {"type": "image"}]
     assert to_content("plain") == [{"type": "text", "text": "plain"}]

@@ -171,6 +171,27 @@ def test_qwen25vl_mixed_batch_is_deterministic_per_sample(tiny_qwen25vl_dir):
     assert [s.text for s in sampler.sample([text], 2, params)[0]] == [s.text for s in together[1]]
 
 
+@pytest.mark.parametrize("arch", ["internvl", "qwen25vl"])
+def test_a_sampled_prompt_renders_as_training_renders_the_pair(tiny_internvl_dir, tiny_qwen25vl_dir, arch):
+    """The correctness pipeline samples ``<image>\\nQ`` prompts and pairs train on them: the sampler's rendering
+    equals PairEncoder.prompt_text's. The newline after an image was always dropped in generation, so Qwen2.5-VL,
+    whose template writes none, sampled ``<|vision_end|>Q`` and trained on ``<|vision_end|>\\nQ``."""
+    from types import SimpleNamespace
+
+    from mpo.data.encode import PairEncoder
+    from mpo.generate.prompts import to_content
+
+    path = tiny_internvl_dir if arch == "internvl" else tiny_qwen25vl_dir
+    sampler = HFSampler(path, system_prompt="none")
+    prompt = "Image-1: <image>\nImage-2: <image>\nWhich is larger?"
+    request = SampleRequest([{"role": "user", "content": to_content(prompt)}], (), False, (1,))
+    record = SimpleNamespace(dataset="d", line=1, question=prompt, chosen="a", rejected="b", system_prompt=None)
+    trained = PairEncoder(sampler.processor, system_prompt=None).prompt_text(record)
+    assert sampler._render(request) == trained
+    image = "<IMG_CONTEXT>" if arch == "internvl" else "<|vision_end|>"
+    assert f"{image}\nWhich is larger?" in trained and "\n\n" not in trained  # one newline, never two
+
+
 def test_text_only_model_takes_text_and_refuses_images(tiny_qwen2_dir):
     sampler = HFSampler(tiny_qwen2_dir)
     assert sampler._render(_continue_request([1])) == (

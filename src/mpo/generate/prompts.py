@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpo.data.encode import question_content
+
 __all__ = [
     "IMAGE_MARKER",
     "PROMPT_TEMPLATES",
@@ -136,17 +138,10 @@ def drop_image_markers(question: str) -> str:
 
 
 def to_content(prompt: str) -> list[dict[str, Any]]:
-    """Chat content items for a prompt with markers: ``{"type": "image"}`` at each marker, text between.
+    """Chat content items for a prompt with markers: ``{"type": "image"}`` at each marker, the text between as it
+    is (a newline after a marker included: the sampler drops it only where the model's chat template writes its
+    own, :func:`mpo.generate.samplers.fit_image_newlines`, so the prompt renders as training renders the pair).
 
-    Example: ``"<image>\\nWhat colour?"`` -> ``[{"type": "image"}, {"type": "text", "text": "What colour?"}]``.
-    The newline after a marker is dropped because the chat templates write their own after an image.
+    Example: ``"<image>\\nWhat?"`` -> ``[{"type": "image"}, {"type": "text", "text": "\\nWhat?"}]``.
     """
-    content: list[dict[str, Any]] = []
-    for k, piece in enumerate(prompt.split(IMAGE_MARKER)):
-        if k:
-            content.append({"type": "image"})
-            if piece.startswith("\n"):
-                piece = piece[1:]
-        if piece:
-            content.append({"type": "text", "text": piece})
-    return content
+    return question_content(prompt, drop_newline=False)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from mpo.data.encode import PairEncoder
 from mpo.data.system import resolve_system_prompt
 
 __all__ = [
@@ -169,6 +170,8 @@ class HFSampler:
         self.processor = load_processor(model_path, trust_remote_code=trust_remote_code)
         self.system_prompt = resolve_system_prompt(self.processor, system_prompt)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # a row's newline after <image> is dropped where the template writes one (InternVL), as training does
+        self.image_newline = self.family != "text" and PairEncoder(self.processor).image_newline
         self.tokenizer.padding_side = "left"  # generation appends on the right; every row must end at its prompt
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
@@ -197,7 +200,7 @@ class HFSampler:
 
     def _render(self, req: SampleRequest) -> str:
         flags = {"continue_final_message": True} if req.continue_final_message else {"add_generation_prompt": True}
-        messages = with_system(req.messages, self.system_prompt)
+        messages = fit_image_newlines(with_system(req.messages, self.system_prompt), self.image_newline)
         if self.family == "text":  # a tokenizer's template may expect plain-string content
             messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
         return self.processor.apply_chat_template(messages, tokenize=False, **flags)
@@ -336,10 +339,29 @@ def with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict
     return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
 
 
+def fit_image_newlines(messages: list[dict[str, Any]], template_newline: bool) -> list[dict[str, Any]]:
+    """``messages`` with ONE leading newline cut from each text item that follows an image item, when the chat
+    template writes a newline after an image itself (InternVL's ``-HF`` templates): ``<image>\\nQ`` then renders
+    with one newline, as :class:`mpo.data.encode.PairEncoder` renders the pair for training. Unchanged otherwise."""
+    if not template_newline:
+        return messages
+    out = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            content = [{**c, "text": c["text"][1:]}
+                       if k and c.get("type") == "text" and content[k - 1].get("type") == "image"
+                       and c["text"].startswith("\n") else c for k, c in enumerate(content)]
+        out.append({**m, "content": content})
+    return out
+
+
 def _vllm_messages(req: SampleRequest, system: str | None = None) -> list[dict[str, Any]]:
     images = iter(req.images)
     messages = []
-    for m in with_system(req.messages, system):
+    # vLLM's engine renders its own template, not probed here: as for InternVL (the seed's models), whose
+    # -HF template writes a newline after each image
+    for m in fit_image_newlines(with_system(req.messages, system), True):
         content = m["content"]
         if not isinstance(content, str):
             content = [{"type": "image_pil", "image_pil": next(images)} if c.get("type") == "image" else c
