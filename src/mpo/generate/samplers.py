@@ -284,7 +284,8 @@ class VLLMSampler:
             sps = [self._vllm.SamplingParams(n=n, temperature=params.temperature, top_k=params.top_k or -1,
                                              top_p=params.top_p, max_tokens=params.max_new_tokens,
                                              seed=requests[i].seeds[0]) for i in idxs]
-            outs = self.llm.chat([_vllm_messages(requests[i], self.system_prompt) for i in idxs], sps,
+            internvl = self.model_type in ("internvl", "internvl_chat")
+            outs = self.llm.chat([_vllm_messages(requests[i], self.system_prompt, internvl) for i in idxs], sps,
                                  use_tqdm=False,
                                  add_generation_prompt=not cont, continue_final_message=cont,
                                  mm_processor_kwargs=self.mm_processor_kwargs(n_images))
@@ -356,12 +357,12 @@ def fit_image_newlines(messages: list[dict[str, Any]], template_newline: bool) -
     return out
 
 
-def _vllm_messages(req: SampleRequest, system: str | None = None) -> list[dict[str, Any]]:
+def _vllm_messages(req: SampleRequest, system: str | None = None, internvl: bool = True) -> list[dict[str, Any]]:
+    """``req`` as ``LLM.chat`` takes it. The engine renders the model's own template, which is not probed here: an
+    InternVL template writes a newline after each image (the row's is dropped), Qwen-VL's writes none."""
     images = iter(req.images)
     messages = []
-    # vLLM's engine renders its own template, not probed here: as for InternVL (the seed's models), whose
-    # -HF template writes a newline after each image
-    for m in fit_image_newlines(with_system(req.messages, system), True):
+    for m in fit_image_newlines(with_system(req.messages, system), internvl):
         content = m["content"]
         if not isinstance(content, str):
             content = [{"type": "image_pil", "image_pil": next(images)} if c.get("type") == "image" else c
