@@ -7,14 +7,19 @@ input (answers are judged by the million, and hostile ones are long).
 
 The normal form keeps what changes a value and drops what does not:
 
-* markdown bold (``**12** cm``) is packaging; Python's ``**`` between operands (``2**3``, ``2 ** 3``) is a power.
-  A ``**`` with a space on one side only (``12** cm``) is a bold mark that lost its partner, never a power;
-* a minus keeps its sign in one spelling (``x - y`` = ``x-y``, ``- x`` = ``-x``; ``-x`` ≠ ``x``, ``-3`` ≠ ``3``);
-  a dash that is no minus goes: a hyphen between words (``north-east`` = ``north - east``), a markdown bullet or
-  a prose dash before a word (``- Paris``), a dash with nothing after it (``Paris -``);
-* brackets stay only where they carry meaning: an interval or tuple (a comma or semicolon inside, or an
-  open-closed mix: ``[1, 2)`` ≠ ``(1, 2]``) or a group with an operator inside that something outside acts on
-  (``(n+1)!``, ``2^(n+1)``); ``(12 cm)``, ``(45°)``, ``f(2)``, ``Paris (France)`` read without them;
+* markdown bold (``**12** cm``, ``**12**cm``, ``**5**th``) is packaging, read as CommonMark reads it; Python's
+  ``**`` between operands (``2**3``, ``2 ** 3``) is a power. A ``**`` with a space on one side only (``12** cm``)
+  is a bold mark that lost its partner, never a power;
+* a minus keeps its sign in one spelling (``x - y`` = ``x-y``, ``- x`` = ``-x``; ``-x`` ≠ ``x``, ``-3`` ≠ ``3``,
+  ``- sin x`` ≠ ``sin x``, ``- -5`` ≠ ``-5``); a dash that is no minus goes: a hyphen between a word character and
+  a prose word (``north-east`` = ``north - east``, ``x-ray``, ``12-cm``), a markdown bullet before a prose word at
+  the very start (``- Paris``, ``- 猫``), a dash with nothing after it (``Paris -``). A function name (``sin``,
+  ``ln``) or a short letter group (``xy``) is no prose word, so the dash before it stays a minus;
+* brackets stay only where they carry meaning: an interval or tuple (a comma or semicolon inside, not a
+  thousands comma, or an open-closed mix: ``[1, 2)`` ≠ ``(1, 2]``), a group with an operator inside that something
+  outside acts on (``(n+1)!``, ``2^(n+1)``), or a signed quantity after an operand (``sin(-x)``, ``f(-2)``: else
+  the sign would read as a binary minus); ``(12 cm)``, ``(1,000)``, ``(45°)``, ``(-5)``, ``f(2)``,
+  ``Paris (France)`` read without them;
 * ``!`` is a factorial after a digit, a closing bracket or a single Latin letter (``4!``, ``n!``); after a word or
   a CJK character (``Paris!``, ``是!``) it is punctuation;
 * a leading approximation sign (``≈ 3``, ``\approx 3``, ``~0.5``) is packaging: the value is judged by the usual
@@ -49,17 +54,24 @@ def _is_word_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
+def _is_punct(ch: str) -> bool:
+    return not ch.isalnum() and not ch.isspace()
+
+
 def _unbold(s: str) -> str:
-    """Drop markdown bold pairs anywhere (``**12** cm`` -> ``12 cm``, ``12 **cm**``), leaving a ``**`` between
-    operands alone (``2**3``, ``(a+b)**2``). A ``**`` opens bold when no word character precedes it and no space
-    follows; it closes the open one when no space precedes it and no word character follows (CommonMark's
-    flanking rule, simplified). One pass over the ``**`` marks: linear."""
+    """Drop markdown bold pairs anywhere (``**12** cm`` -> ``12 cm``, ``12 **cm**``, ``**12**cm`` -> ``12cm``),
+    leaving a ``**`` between operands alone (``2**3``, ``(a+b)**2``). A ``**`` opens bold when no word character
+    precedes it and no space follows; it closes the open one when no space precedes it and, if punctuation
+    precedes it, a space or punctuation follows (CommonMark's right-flanking rule: ``**5**th`` is bold 5, while
+    ``**(a+b)**2`` closes nothing and stays a power). Without an open bold mark a ``**`` is never a closer, so
+    ``2**3`` stays a power. One pass over the ``**`` marks: linear."""
     cuts: list[int] = []
     opener = None
     for m in _STARS.finditer(s):
         a, b = m.start(), m.end()
         before, after = s[a - 1] if a else " ", s[b] if b < len(s) else " "
-        if opener is not None and not before.isspace() and not _is_word_char(after):
+        if opener is not None and not before.isspace() and (
+                not _is_punct(before) or after.isspace() or _is_punct(after)):
             cuts += [opener, a]
             opener = None
         elif not _is_word_char(before) and not after.isspace():
@@ -138,7 +150,6 @@ _FACTORIAL = re.compile(r"(?<=[\d)\]])!|(?<=[a-z])(?<![^\W\d_][a-z])!")
 _GROUP_OPS = frozenset("+-*^=<>≤≥≠≈|\\")  # not "/": "12 (km/h)" is a unit, "(1/2)" one quantity
 _DASH = re.compile(r"-+")
 _LETTERS = re.compile(r"[^\W\d_]+")
-_VARIABLE = re.compile(r"[a-zα-ω]")  # one Latin or Greek letter: x, n, θ (casefolded)
 _OPERAND_END = frozenset(")]}!%°.'")
 
 
@@ -147,16 +158,25 @@ def _relations(s: str) -> str:
     return _RELATION.sub(lambda m: f" {_RELATION_SIGN.get(m.group(), m.group())} ", s)
 
 
+def _is_thousands_comma(s: str, k: int) -> bool:
+    """Whether the comma at ``s[k]`` separates thousands (``_THOUSANDS``: a digit before, exactly three after)."""
+    return (k > 0 and s[k - 1].isdigit() and s[k + 1: k + 4].isdigit() and len(s[k + 1: k + 4]) == 3
+            and not s[k + 4: k + 5].isdigit())
+
+
 def _brackets(s: str) -> str:
     """Brackets as tokens where they carry meaning, else spaces. A matched pair (either kind: ``[1, 2)`` is a
     pair) is kept when it is an interval or tuple (an open-closed mix, or a comma or semicolon inside:
-    ``[1, 2)``, ``(-\\infty, 3]``, ``(3, 2)``), or when it groups an operator (a leading sign does not count)
-    and is not the whole answer (``(n+1)!``, ``2^(n+1)``; ``(x+1)`` alone reads ``x+1``). So ``(12 cm)``,
-    ``(45°)``, ``(-5)``, ``f(2)``, ``3 (cm)``, ``Paris (France)`` and ``["C"]`` read without them. Unmatched
-    ones go. Linear: the counts inside a pair come from prefix sums."""
+    ``[1, 2)``, ``(-\\infty, 3]``, ``(3, 2)``; a thousands comma, ``(1,000)``, is part of its number), when it
+    groups an operator (a leading sign does not count) and is not the whole answer (``(n+1)!``, ``2^(n+1)``;
+    ``(x+1)`` alone reads ``x+1``), or when it holds a signed quantity right after an operand (``f(-2)``,
+    ``sin(-x)``, ``2(-3)``: without them the sign would read as a binary minus, ``sin - x``). So ``(12 cm)``,
+    ``(45°)``, ``(-5)``, ``x = (-5)``, ``f(2)``, ``3 (cm)``, ``Paris (France)`` and ``["C"]`` read without them.
+    Unmatched ones go. Linear: the counts inside a pair come from prefix sums, and the spaces next to each bracket
+    are scanned once."""
     seps, ops = [0], [0]
-    for ch in s:
-        seps.append(seps[-1] + (ch in ",;"))
+    for k, ch in enumerate(s):
+        seps.append(seps[-1] + (ch == ";" or ch == "," and not _is_thousands_comma(s, k)))
         ops.append(ops[-1] + (ch in _GROUP_OPS))
     first, last = len(s) - len(s.lstrip()), len(s.rstrip()) - 1  # the whole answer's ends
     out, stack = list(s), []
@@ -171,8 +191,14 @@ def _brackets(s: str) -> str:
             j = start + 1
             while j < k and s[j].isspace():  # the spaces after each opening bracket are read once: linear
                 j += 1
+            signed = j < k and s[j] in "+-"
             interval = (s[start] == "(") != (ch == ")") or seps[k] > seps[start + 1]
-            group = ops[k] - ops[start + 1] - (j < k and s[j] in "+-") > 0 and (start, k) != (first, last)
+            group = ops[k] - ops[start + 1] - signed > 0 and (start, k) != (first, last)
+            if signed and not (interval or group):
+                i = start - 1
+                while i >= 0 and s[i].isspace():  # the spaces before each opening bracket: read once
+                    i -= 1
+                group = i >= 0 and (_is_word_char(s[i]) or s[i] in _OPERAND_END or s[i] == "\0")
             out[start], out[k] = (f" {s[start]} ", f" {ch} ") if interval or group else (" ", " ")
     for k in stack:
         out[k] = " "
@@ -180,13 +206,21 @@ def _brackets(s: str) -> str:
 
 
 def _dashes(s: str) -> str:
-    """Every ``-`` as a minus in one spelling, or a space. A minus comes before an operand (a digit, a single
-    letter, a bracket, a LaTeX command): after an operand it is binary and joins both sides (``x - y`` ->
-    ``x-y``), else unary and joins the operand (``- x`` -> ``-x``, ``x = - 3`` -> ``x = -3``). Not a minus, so
-    a space: a hyphen or dash between words (``north-east``, ``north - east``, ``x-ray``), a bullet or prose dash
-    before a word (``- Paris``; ``-ab`` written tight stays a minus), a dash before nothing (``Paris -``), and runs
-    of dashes (``--``). One pass; the spaces around a dash are scanned by hand (``\\s*-\\s*`` as a regex is
-    quadratic on a long run of spaces)."""
+    """Every ``-`` as a minus in one spelling, or a space. A minus comes before an operand (a digit, a letter, a
+    bracket, a LaTeX command, or another minus: ``- -5`` is ``-(-5)``): after an operand it is binary and joins
+    both sides (``x - y`` -> ``x-y``), else unary and joins the operand (``- x`` -> ``-x``, ``x = - 3`` -> ``x =
+    -3``). Not a minus, so a space: a dash before nothing (``Paris -``), runs of dashes (``--``), and a dash next
+    to a prose word (``_is_prose``; not a function name such as ``sin`` nor a short letter group such as ``xy``):
+
+    * a hyphen or dash between a word character and a word, either side prose (``north-east``, ``north -
+      east``, ``x-ray``, ``2-methylpropane``, ``12-cm``); ``a-b``, ``xy - z``, ``sin -x``, ``2 - xy`` are minus
+      signs;
+    * a markdown bullet: a dash at the very start of the answer with a space after it, before a prose word
+      (``- Paris``, ``- Yes``, ``- 猫``). Before anything else it is a minus (``- sin x`` = ``-sin x``, ``- xy``,
+      ``- 12``), as it is anywhere else (``x = - sin x``) and written tight (``-Paris``).
+
+    One pass; the spaces around a dash are scanned by hand (``\\s*-\\s*`` as a regex is quadratic on a long run of
+    spaces)."""
     out: list[str] = []
     done = 0  # s[:done] is in out
     for m in _DASH.finditer(s):
@@ -202,25 +236,56 @@ def _dashes(s: str) -> str:
     return "".join(out)
 
 
+# Letter groups that read as maths, not words, though they have three letters or more: function names and
+# spelled-out Greek letters (``- sin x`` is a minus, ``- Paris`` a bullet). Two-letter groups are maths (``xy``,
+# ``AB``) unless listed in _SHORT_WORDS: the answer words and the unit abbreviations of ``mpo.generate.numbers``.
+_MATH_NAMES = frozenset("sin cos tan cot sec csc sinh cosh tanh coth arcsin arccos arctan arcsec arccsc arccot log "
+                        "exp sqrt lim det gcd lcm inf infty alpha beta gamma delta epsilon theta lambda sigma omega "
+                        "phi psi rho tau".split())
+_SHORT_WORDS = frozenset("no ok cm mm km kg mg ml ft in yd lb hr yr".split())
+_MATH_LETTERS = re.compile(r"[a-zα-ω]+")  # Latin or Greek (casefolded); other scripts (猫) are words
+
+
+def _is_prose(word: str) -> bool:
+    """Whether a run of letters (casefolded) reads as a word rather than maths (``_dashes``): three letters or
+    more and no function name, a listed short word, or a letter outside Latin and Greek."""
+    if len(word) > 2:
+        return word not in _MATH_NAMES
+    return word in _SHORT_WORDS or not _MATH_LETTERS.fullmatch(word)
+
+
+def _is_operand_start(s: str, at: int) -> bool:
+    nxt = s[at] if at < len(s) else ""
+    return bool(nxt) and (nxt.isalnum() or nxt in "([{\\∞" or (nxt == "." and s[at + 1: at + 2].isdigit()))
+
+
 def _dash(s: str, run: str, before_at: int, after_at: int, *, spaced_after: bool) -> str:
     """What the dash run between ``s[before_at]`` and ``s[after_at]`` (spaces around it cut) becomes (``_dashes``)."""
     nxt = s[after_at] if after_at < len(s) else ""
     prev = s[before_at] if before_at >= 0 else ""
-    if len(run) > 1 or not nxt or not (nxt.isalnum() or nxt in "([{\\∞" or (
-            nxt == "." and s[after_at + 1: after_at + 2].isdigit())):
+    if nxt == "-" and s[after_at + 1: after_at + 2] != "-":  # a minus before a signed operand: "- -5"
+        k = after_at + 1
+        while k < len(s) and s[k].isspace():  # read here and by the next dash: each space twice at most
+            k += 1
+        operand = _is_operand_start(s, k)
+    else:
+        operand = _is_operand_start(s, after_at)
+    if len(run) > 1 or not operand:
         return " "
     if nxt.isalpha():
-        word_after = _LETTERS.match(s, after_at)
+        word_after = _LETTERS.match(s, after_at)  # each word is read by the one dash before it
         after = word_after.group() if word_after else nxt
-        k = before_at
-        while k >= 0 and s[k].isalpha():  # the word before: each word is read by the one dash after it
-            k -= 1
-        before = s[k + 1: before_at + 1]
-        is_word = len(after) > 1 or not _VARIABLE.fullmatch(after)
-        if is_word and (spaced_after or _is_word_char(prev)):  # "- paris", "north-east", "x-ray"
-            return " "
-        if before and (len(before) > 1 or not _VARIABLE.fullmatch(before)):  # "ab-c": a hyphen
-            return " "
+        if not prev:
+            if spaced_after and _is_prose(after):  # "- paris": a bullet
+                return " "
+        elif _is_word_char(prev):
+            k = before_at
+            while k >= 0 and s[k].isalpha():  # the word before: each word is read by the one dash after it
+                k -= 1
+            before = s[k + 1: before_at + 1]
+            command = k >= 0 and s[k] == "\\"  # \theta - x: a LaTeX command, not a word
+            if _is_prose(after) or (before and not command and _is_prose(before)):  # "north-east", "x-ray"
+                return " "
     binary = bool(prev) and (_is_word_char(prev) or prev in _OPERAND_END)
     return "-" if binary else " -"
 

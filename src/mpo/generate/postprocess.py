@@ -87,12 +87,14 @@ __all__ = ["DatasetStats", "Entry", "Judgement", "Key", "ManifestConflict", "Out
 Question = tuple[str, str, str]
 """``(image, question_orig, answer)`` of a key (``question_of``): what ``--gt-responses`` positives join by."""
 
-JUDGE_VERSION = 4
+JUDGE_VERSION = 5
 """Bump when judging or the rows written change, so that ``manifest.json`` entries of older runs are recomputed.
 2: units after numbers. 3: signs, relations, factorials and interval brackets make an answer differ; pair rows
 keep the sampled prompt and the row's ``system_prompt``. 4: what version 3 broke is right again: markdown bold
 (``**12** cm``), a spaced or loose dash (``x - y``, ``- Paris``), brackets around one quantity (``(12 cm)``), ``!``
-after a CJK character, a leading ``≈`` written tight."""
+after a CJK character, a leading ``≈`` written tight. 5: a minus before a function name or a short letter group
+(``- sin x``, ``sin(-x)``) and a double negation (``-(-5)``) count; ``**12**cm`` is bold 12 and ``(1,000)`` one
+number."""
 
 
 class ManifestConflict(ValueError):
