@@ -91,6 +91,11 @@ def test_missing_and_non_model_paths(tmp_path):
     with pytest.raises(ModelLoadError, match=r"empty: not a model folder: no config\.json \(expected a checkpoint "
                                              r"written by save_pretrained\)$"):
         load_model(tmp_path / "empty")
+    (tmp_path / "adapter").mkdir()  # a LoRA run's checkpoint-N/model or final/adapter
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"adapter: a LoRA adapter \(adapter_config\.json, no config\.json\), "
+                                             r"not a whole model: give the run's final/"):
+        load_model(tmp_path / "adapter")
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match=r"file\.bin: not a model folder \(it is a file\)$"):
         load_processor(tmp_path / "file.bin")

@@ -134,3 +134,22 @@ def test_eval_of_a_run_encodes_pairs_as_the_run_did(demo_model, demo_data, tmp_p
     other = run_eval(str(tmp_path / "run"), heldout, max_length=16384, max_dynamic_patch=12)
     assert own.overall == same.overall
     assert 0 < own.overall["pairs"] < other.overall["pairs"]
+
+
+def test_a_model_folder_beside_some_config_yaml_is_no_run(demo_model, tmp_path):
+    """A model in proj/my_model next to an unrelated proj/config.yaml was taken for a run's final/: eval read its
+    reference, β and lengths from that file (a list there crashed). Only a run folder, RUN/final and
+    RUN/checkpoint-N/model count."""
+    import shutil
+
+    from mpo.train.evaluate import resolve_run_model
+
+    proj = tmp_path / "proj"
+    shutil.copytree(demo_model, proj / "my_model")
+    (proj / "config.yaml").write_text("model: {path: /elsewhere}\n")
+    assert resolve_run_model(proj / "my_model") == (str(proj / "my_model"), None)
+    (proj / "config.yaml").write_text("- a list\n")
+    assert resolve_run_model(proj / "my_model") == (str(proj / "my_model"), None)
+    shutil.copytree(demo_model, proj / "checkpoint-3" / "model")
+    (proj / "checkpoint-3" / "config.yaml").write_text("model: {path: /base}\n")
+    assert resolve_run_model(proj / "checkpoint-3" / "model") == (str(proj / "checkpoint-3" / "model"), "/base")

@@ -401,3 +401,21 @@ def test_a_lora_runs_final_model_is_merged_and_loads_by_path(demo_model, demo_da
         a, b, base = PairScorer(merged)(batch), PairScorer(adapted)(batch), PairScorer(load_model(demo_model))(batch)
     torch.testing.assert_close(a.chosen_logps, b.chosen_logps, atol=1e-4, rtol=1e-5)
     assert (a.chosen_logps - base.chosen_logps).abs().max() > 1e-3  # the adapter did change the model
+
+
+def test_resume_with_other_adapters_or_frozen_parts_is_refused_and_keeps_the_runs_config(demo_model, demo_data,
+                                                                                         tmp_path):
+    """--resume with another LoRA alpha was accepted (other losses), with other target modules the saved adapters
+    were dropped silently, another rank or a full run resumed as LoRA ended in a traceback; every refused resume
+    first rewrote RUN/config.yaml, which mpo eval then read. Now: one line naming the key, config.yaml untouched."""
+    meta, run = demo_data / "meta.json", tmp_path / "run"
+    lora = ["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]", "train.save_steps=1"]
+    run_train(run_config(demo_model, meta, run, "train.max_steps=1", *lora))
+    before = (run / "config.yaml").read_text()
+    for change, named in [("model.lora.alpha=64", "model.lora"), ("model.lora.target_modules=[q_proj]", "model.lora"),
+                          ("model.lora.r=0", "model.lora"), ("model.freeze_llm=true", "model.freeze_llm")]:
+        with pytest.raises(TrainingError, match=rf"^--resume: .*checkpoint-1 was trained with other model settings "
+                                                rf"\({named}: .*\): its weights and optimizer state do not fit"):
+            run_train(run_config(demo_model, meta, run, "train.max_steps=2", *lora, change), resume=True)
+        assert (run / "config.yaml").read_text() == before, change
+    assert run_train(run_config(demo_model, meta, run, "train.max_steps=2", *lora), resume=True).steps == 2

@@ -35,6 +35,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     local = Path(path)
     if local.is_dir():
         cfg_file = local / "config.json"
+        if not cfg_file.is_file() and (local / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{path}: a LoRA adapter (adapter_config.json, no config.json), not a whole model: "
+                                 "give the run's final/ (adapter merged into the base) or merge it with peft first")
         if not cfg_file.is_file():
             raise ModelLoadError(f"{path}: not a model folder: no config.json "
                                  "(expected a checkpoint written by save_pretrained)")

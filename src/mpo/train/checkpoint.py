@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate.utils import DistributedType
 
 from mpo.fsio import atomic_write_json, replace_dir
@@ -288,6 +289,25 @@ def restart_logs(output_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # resuming a run
+
+
+_SAME_MODEL = ("lora", "freeze_backbone", "freeze_mlp", "freeze_llm")  # not the path: a moved base folder is fine
+
+
+def require_same_model(path: Path, model: dict[str, Any]) -> None:
+    """The checkpoint's weights fit this run's model: the same LoRA adapters (rank, alpha, target modules:
+    another set loaded partly, or the saved ones were dropped without a word) and frozen parts (the optimizer state
+    holds the trainable ones). ``model``: this run's ``model`` section, local paths absolute (as saved)."""
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = (yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}).get("model", {})
+    changed = [f"model.{key}: {saved.get(key)!r} in the checkpoint, {model.get(key)!r} now" for key in _SAME_MODEL
+               if key in saved and saved.get(key) != model.get(key)]
+    if changed:
+        raise ValueError(f"--resume: {path} was trained with other model settings ({'; '.join(changed)}): its "
+                         "weights and optimizer state do not fit this run; resume with the checkpoint's settings, "
+                         "or start a new run")
 
 
 def require_same_order(path: Path, global_batch: int, pairs_by_dataset: dict[str, int],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,15 +90,26 @@ def _cell(v) -> str:
     return str(v) if isinstance(v, int) else f"{v:.4f}"
 
 
-def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
-    """A model folder, or a training output folder → (model path, reference path recorded in the run)."""
+def _run_of(path: str | Path) -> tuple[Path, dict] | None:
+    """(model folder, the run's config) when ``path`` is an mpo training output: a run folder (its ``final``), its
+    ``final``, or one of its ``checkpoint-N/model`` (with the checkpoint's config); None for any other folder, also
+    one that merely sits next to some ``config.yaml``."""
     path = Path(path)
-    for run_dir, model_dir in ((path, path / "final"), (path.parent, path)):
-        cfg = run_dir / "config.yaml"
-        if cfg.is_file() and (model_dir / "config.json").is_file():
-            base = yaml.safe_load(cfg.read_text(encoding="utf-8")).get("model", {}).get("path")
-            return str(model_dir), base
-    return str(path), None
+    candidates = [(path / "config.yaml", path / "final")]
+    if path.name == "final" or (path.name == "model" and re.fullmatch(r"checkpoint-\d+", path.parent.name)):
+        candidates.append((path.parent / "config.yaml", path))
+    for cfg_file, model_dir in candidates:
+        if cfg_file.is_file() and (model_dir / "config.json").is_file():
+            cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+            if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+                return model_dir, cfg
+    return None
+
+
+def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
+    """A model folder, or a training output → (model path, reference path recorded in the run)."""
+    run = _run_of(path)
+    return (str(path), None) if run is None else (str(run[0]), run[1]["model"].get("path"))
 
 
 @torch.no_grad()
@@ -119,13 +131,10 @@ def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, p
 
 
 def _run_setting(model_path: str | Path, section: str, key: str, missing=None):
-    """``section.key`` of the run that trained ``model_path`` (a run folder or its ``final``); ``missing`` for a run
-    whose config has no such key (written before it existed); None if ``model_path`` is no run."""
-    path = Path(model_path)
-    for cfg in (path / "config.yaml", path.parent / "config.yaml"):
-        if cfg.is_file():
-            return yaml.safe_load(cfg.read_text(encoding="utf-8")).get(section, {}).get(key, missing)
-    return None
+    """``section.key`` of the run that trained ``model_path`` (:func:`_run_of`); ``missing`` for a run whose config
+    has no such key (written before it existed); None if ``model_path`` is no run."""
+    run = _run_of(model_path)
+    return None if run is None else (run[1].get(section) or {}).get(key, missing)
 
 
 def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, beta: float | None = None,

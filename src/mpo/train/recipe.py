@@ -143,9 +143,9 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is None:
         start_afresh(out, accelerator, resume)
+    else:  # the weights to load must be the checkpoint's kind: the same adapters and frozen parts
+        ckpt.require_same_model(latest, yaml.safe_load(config_text)["model"])
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
-        atomic_write_text(out / "config.yaml", config_text)
 
     processor = load_processor(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype,
@@ -228,9 +228,11 @@ def setup(cfg: RunConfig, *, resume: bool = False, config_path: str | Path | Non
         try:
             start_step, position = ckpt.restore_run(latest, accelerator, scorer, optimizer, scheduler, delta, rejects,
                                                     window)
-        except ValueError as exc:  # written by another engine (DeepSpeed or not)
-            raise TrainingError(f"--resume: {exc}") from None
+        except (ValueError, RuntimeError, OSError) as exc:  # another engine, or weights of another shape
+            raise TrainingError(f"--resume: {latest}: {exc}") from None
         log.info("resumed from %s (step %d, epoch %d)", latest, start_step, position.epoch)
+    if accelerator.is_main_process:  # after the resume checks: a refused --resume leaves the run's record alone
+        atomic_write_text(out / "config.yaml", config_text)
     order.start = position
     filler = vision_filler(dataset.encoder) if multi else None
     collator = Collator(_pad_id(processor), tc.pair_layout, pack_length=tc.pack_length or None,
