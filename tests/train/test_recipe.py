@@ -419,3 +419,14 @@ def test_resume_with_other_adapters_or_frozen_parts_is_refused_and_keeps_the_run
             run_train(run_config(demo_model, meta, run, "train.max_steps=2", *lora, change), resume=True)
         assert (run / "config.yaml").read_text() == before, change
     assert run_train(run_config(demo_model, meta, run, "train.max_steps=2", *lora), resume=True).steps == 2
+
+
+def test_a_lora_adapter_names_its_base_by_an_absolute_path(demo_model, demo_data, tmp_path, monkeypatch):
+    """model.path given relative: the adapters in final/adapter and checkpoint-N/model named the base relative
+    too, so PEFT and transformers loading them from any other folder went to the Hub and failed."""
+    monkeypatch.chdir(Path(demo_model).parent)
+    run_train(run_config(Path(demo_model).name, demo_data / "meta.json", tmp_path / "run", "model.lora.r=4",
+                         "train.max_steps=1", "train.save_steps=1"))
+    for folder in (tmp_path / "run" / "final" / "adapter", tmp_path / "run" / "checkpoint-1" / "model"):
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == str(Path(demo_model).resolve()), folder

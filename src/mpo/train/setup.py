@@ -151,7 +151,11 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha or 2 * lora.r, lora_dropout=lora.dropout,
                               target_modules=lora.target_modules, exclude_modules=exclude or None, bias="none")
     # PEFT freezes everything but the adapters: LoRA trains adapters only, as TRL's and ms-swift's recipes do.
-    return get_peft_model(model, peft_cfg)
+    peft_model = get_peft_model(model, peft_cfg)
+    if Path(cfg.path).exists():  # the saved adapter names its base: absolute, or it loads from this folder only
+        for adapter in peft_model.peft_config.values():
+            adapter.base_model_name_or_path = str(Path(cfg.path).resolve())
+    return peft_model
 
 
 def make_reference(policy: nn.Module) -> nn.Module:
