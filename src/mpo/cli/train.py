@@ -22,6 +22,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Restart from the newest complete checkpoint."),
 ) -> None:
     """Train with MPO: 0.8·DPO + 0.2·BCO-pair(δ) + 1.0·SFT against a frozen reference."""
+    from mpo.train.accelerator import end_distributed
     from mpo.train.config import RunConfig
     from mpo.train.recipe import TrainingError, run_train
 
@@ -32,6 +33,7 @@ def train(
     except (ConfigError, TrainingError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    end_distributed()
     typer.echo(f"done: {result.steps} steps in {result.train_seconds:.1f} s; model in {result.output_dir / 'final'}")
 
 
@@ -95,6 +97,7 @@ def precompute_ref(
 ) -> None:
     """Compute the reference log-probs of every training pair once (resumable); then train with train.ref_cache."""
     from mpo.data.errors import DataError
+    from mpo.train.accelerator import end_distributed
     from mpo.train.config import RunConfig
     from mpo.train.precompute import run_precompute
     from mpo.train.refcache import RefCacheError
@@ -106,5 +109,6 @@ def precompute_ref(
     except (ConfigError, RefCacheError, DataError, ValueError) as exc:  # incl. ModelLoadError
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    end_distributed()
     again = [o for o in overrides or [] if not o.startswith("train.ref_cache=")] + [f"train.ref_cache={out}"]
     typer.echo(f"reference cache: {out}  (train with: mpo train {shlex.join([str(config), *again])})")
