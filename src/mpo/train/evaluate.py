@@ -108,7 +108,10 @@ def _run_of(path: str | Path) -> tuple[Path, dict] | None:
 
 def resolve_run_model(path: str | Path) -> tuple[str, str | None]:
     """A model folder, or a training output → (model path, reference path recorded in the run)."""
-    run = _run_of(path)
+    return _model_and_base(path, _run_of(path))
+
+
+def _model_and_base(path: str | Path, run: tuple[Path, dict] | None) -> tuple[str, str | None]:
     return (str(path), None) if run is None else (str(run[0]), run[1]["model"].get("path"))
 
 
@@ -130,10 +133,9 @@ def score_pairs(scorer: PairScorer, dataset: EncodedPairs, *, batch_size: int, p
         yield batch.sources, scores.chosen_logps, scores.rejected_logps, errors
 
 
-def _run_setting(model_path: str | Path, section: str, key: str, missing=None):
-    """``section.key`` of the run that trained ``model_path`` (:func:`_run_of`); ``missing`` for a run whose config
-    has no such key (written before it existed); None if ``model_path`` is no run."""
-    run = _run_of(model_path)
+def _setting(run: tuple[Path, dict] | None, section: str, key: str, missing=None):
+    """``section.key`` of a run's config (:func:`_run_of`); ``missing`` for a run whose config has no such key
+    (written before it existed); None when there is no run."""
     return None if run is None else (run[1].get(section) or {}).get(key, missing)
 
 
@@ -144,18 +146,19 @@ def run_eval(model_path: str, meta_path: str, *, reference: str | None = None, b
     """Held-out accuracy of ``model_path``. Settings left None are the run's own when ``model_path`` is a training
     output (β, tile budget, max_length and system prompt it trained with: the pairs are encoded as in training),
     else 0.1, 16384 tokens, 12 tiles and ``auto``."""
+    run = _run_of(model_path)  # read once: every setting left None comes from it
     if beta is None:  # the run's own β, so that the reward margins are the ones it trained with
-        beta = _run_setting(model_path, "loss", "beta") or 0.1
+        beta = _setting(run, "loss", "beta") or 0.1
     if max_length is None:
-        max_length = _run_setting(model_path, "data", "max_length") or 16384
+        max_length = _setting(run, "data", "max_length") or 16384
     if max_dynamic_patch is None:
-        max_dynamic_patch = _run_setting(model_path, "data", "max_dynamic_patch") or 12
-    pixels = _run_setting(model_path, "data", "max_image_pixels", missing=DEFAULT_MAX_PIXELS)
+        max_dynamic_patch = _setting(run, "data", "max_dynamic_patch") or 12
+    pixels = _setting(run, "data", "max_image_pixels", missing=DEFAULT_MAX_PIXELS)
     if not (math.isfinite(beta) and beta > 0):  # a negative β flips every reward margin
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if system_prompt is None:  # the run's own prompts
-        system_prompt = _run_setting(model_path, "data", "system_prompt", missing="none") or "auto"
-    model_path, recorded = resolve_run_model(model_path)
+        system_prompt = _setting(run, "data", "system_prompt", missing="none") or "auto"
+    model_path, recorded = _model_and_base(model_path, run)
     reference = reference if reference is not None else recorded
     processor = load_processor(model_path, trust_remote_code=trust_remote_code)
     specs = [dataclasses.replace(s, repeat_time=1.0) if s.repeat_time > 0 else s for s in read_meta(meta_path)]
